@@ -1,0 +1,98 @@
+// The one description of an attention call that every kernel (CPU and CUDA) reads.
+// Plain data only: the FFI layer fills it from XLA buffers and attributes, the kernels
+// never see XLA. Layout is BSHD (batch, seqlen, heads, head_dim); strides are in
+// elements so that a caller can later hand us views (packed qkv) without copies.
+#pragma once
+
+#include <cstdint>
+
+namespace jax_flash {
+
+enum class ElementType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct TensorStrides {
+  int64_t batch = 0;
+  int64_t row = 0;   // one sequence position
+  int64_t head = 0;
+};
+
+struct AttentionParams {
+  ElementType element_type = ElementType::kFloat32;
+
+  int64_t batch = 0;
+  int64_t seqlen_q = 0;
+  int64_t seqlen_k = 0;
+  int64_t num_heads = 0;
+  int64_t num_heads_kv = 0;  // num_heads % num_heads_kv == 0 (GQA / MQA)
+  int64_t head_dim = 0;
+
+  float softmax_scale = 1.0f;
+  float softcap = 0.0f;  // 0 disables; else s = softcap * tanh(s / softcap)
+  // Key j is visible to query i iff
+  //   i + (seqlen_k - seqlen_q) - window_left <= j <= i + (seqlen_k - seqlen_q) + window_right,
+  // where -1 leaves that side unbounded. Causal attention is window_right == 0.
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+
+  // ALiBi slopes, float32 (batch, num_heads); null when ALiBi is off.
+  const float* alibi_slopes = nullptr;
+
+  // Forward operands.
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;  // (batch, num_heads, seqlen_q), natural log
+
+  // Backward operands (dq/dk/dv share the strides of q/k/v, dout those of out).
+  const void* dout = nullptr;
+  const float* dlse = nullptr;  // cotangent of lse, same layout as lse
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+
+  TensorStrides q_strides, k_strides, v_strides, out_strides;
+
+  bool has_window() const { return window_left >= 0 || window_right >= 0; }
+  bool has_alibi() const { return alibi_slopes != nullptr; }
+  int64_t group_size() const { return num_heads / num_heads_kv; }
+  int64_t diagonal_offset() const { return seqlen_k - seqlen_q; }
+};
+
+// The half-open key range [first, last) that any query row in [row_begin, row_end) may see.
+struct IndexRange {
+  int64_t begin;
+  int64_t end;
+  bool empty() const { return end <= begin; }
+};
+
+inline IndexRange visible_keys(const AttentionParams& p, int64_t row_begin, int64_t row_end) {
+  int64_t begin = 0, end = p.seqlen_k;
+  const int64_t offset = p.diagonal_offset();
+  if (p.window_left >= 0) {
+    const int64_t lo = row_begin + offset - p.window_left;
+    begin = lo > begin ? lo : begin;
+  }
+  if (p.window_right >= 0) {
+    const int64_t hi = row_end - 1 + offset + p.window_right + 1;
+    end = hi < end ? hi : end;
+  }
+  return {begin, end};
+}
+
+// The query rows that can see any key in [key_begin, key_end).
+inline IndexRange visible_queries(const AttentionParams& p, int64_t key_begin, int64_t key_end) {
+  int64_t begin = 0, end = p.seqlen_q;
+  const int64_t offset = p.diagonal_offset();
+  if (p.window_right >= 0) {
+    const int64_t lo = key_begin - offset - p.window_right;
+    begin = lo > begin ? lo : begin;
+  }
+  if (p.window_left >= 0) {
+    const int64_t hi = key_end - 1 - offset + p.window_left + 1;
+    end = hi < end ? hi : end;
+  }
+  return {begin, end};
+}
+
+}  // namespace jax_flash

@@ -1,0 +1,120 @@
+#include "ffi/cpu_handlers.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+
+#include "cpu/attention_cpu.h"
+#include "ffi/decode_params.h"
+
+namespace jax_flash::ffi_glue {
+namespace {
+
+// Runs tasks on XLA's intra-op thread pool with the calling thread taking part. Tasks are
+// claimed from a shared counter, and the caller waits for finished tasks rather than for
+// helpers, so a helper that the pool starts late (or never) cannot stall the call.
+cpu::ParallelFor make_parallel_for(ffi::ThreadPool& pool) {
+  return [&pool](int64_t num_tasks, const std::function<void(int64_t)>& task) {
+    if (num_tasks <= 0) return;
+    struct Shared {
+      std::atomic<int64_t> next{0};
+      std::atomic<int64_t> done{0};
+      std::mutex mutex;
+      std::condition_variable finished;
+      const std::function<void(int64_t)>* task;
+      int64_t num_tasks;
+    };
+    auto shared = std::make_shared<Shared>();
+    shared->task = &task;
+    shared->num_tasks = num_tasks;
+    auto work = [shared] {
+      for (int64_t i; (i = shared->next.fetch_add(1)) < shared->num_tasks;) {
+        (*shared->task)(i);
+        if (shared->done.fetch_add(1) + 1 == shared->num_tasks) {
+          std::lock_guard<std::mutex> lock(shared->mutex);
+          shared->finished.notify_all();
+        }
+      }
+    };
+    const int64_t helpers = std::min<int64_t>(pool.num_threads(), num_tasks - 1);
+    for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+    work();
+    std::unique_lock<std::mutex> lock(shared->mutex);
+    shared->finished.wait(lock, [&] { return shared->done.load() == shared->num_tasks; });
+  };
+}
+
+ffi::Error forward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                       ffi::Buffer<ffi::F32> alibi_slopes, ffi::Result<ffi::AnyBuffer> out,
+                       ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale, float softcap,
+                       int64_t window_left, int64_t window_right, bool has_alibi) {
+  AttentionParams p;
+  const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right, has_alibi};
+  if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, &p); e.failure()) return e;
+  if (!same_dims(q, *out) || out->element_type() != q.element_type() || !is_lse_shape(p, *lse))
+    return invalid("forward results must be out (like q) and lse (batch, num_heads, seqlen_q)");
+  p.out = out->untyped_data();
+  p.lse = lse->typed_data();
+  cpu::attention_forward(p, make_parallel_for(pool));
+  return ffi::Error::Success();
+}
+
+ffi::Error backward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                        ffi::AnyBuffer out, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
+                        ffi::Buffer<ffi::F32> dlse, ffi::Buffer<ffi::F32> alibi_slopes,
+                        ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                        ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, float softcap,
+                        int64_t window_left, int64_t window_right, bool has_alibi) {
+  AttentionParams p;
+  const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right, has_alibi};
+  if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, &p); e.failure()) return e;
+  if (auto e = decode_backward_operands(q, out, dout, lse, dlse, &p); e.failure()) return e;
+  if (!same_dims(q, *dq) || !same_dims(k, *dk) || !same_dims(v, *dv))
+    return invalid("gradients must match q, k and v in shape");
+  p.dq = dq->untyped_data();
+  p.dk = dk->untyped_data();
+  p.dv = dv->untyped_data();
+  cpu::attention_backward(p, make_parallel_for(pool));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_flash::ffi_glue
+
+namespace ffi = xla::ffi;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashForwardCpu, jax_flash::ffi_glue::forward_cpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // alibi_slopes
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("window_right")
+                                  .Attr<bool>("has_alibi"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBackwardCpu, jax_flash::ffi_glue::backward_cpu,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // out
+                                  .Arg<ffi::AnyBuffer>()  // dout
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dlse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // alibi_slopes
+                                  .Ret<ffi::AnyBuffer>()  // dq
+                                  .Ret<ffi::AnyBuffer>()  // dk
+                                  .Ret<ffi::AnyBuffer>()  // dv
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("window_right")
+                                  .Attr<bool>("has_alibi"));

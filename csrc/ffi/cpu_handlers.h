@@ -1,0 +1,7 @@
+#pragma once
+
+#include "xla/ffi/api/ffi.h"
+
+// Typed FFI handlers for platform "cpu"; defined in cpu_handlers.cc.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFlashForwardCpu);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFlashBackwardCpu);

@@ -1,0 +1,117 @@
+// Turns XLA FFI buffers and attributes into AttentionParams, checking every shape the
+// kernels rely on. The Python layer checks the same rules with friendlier messages; these
+// checks exist so that nothing reaches a kernel unchecked even when the op is called
+// directly through jax.ffi.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "common/attention_params.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_flash::ffi_glue {
+
+namespace ffi = xla::ffi;
+
+// Scalars of the op, passed as FFI attributes by the one ffi_call wrapper in Python.
+struct ScalarAttributes {
+  float softmax_scale;
+  float softcap;
+  int64_t window_left;
+  int64_t window_right;
+  bool has_alibi;
+};
+
+inline ffi::Error invalid(const std::string& what) {
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "jax_flash: " + what);
+}
+
+inline bool element_type_of(ffi::DataType type, ElementType* out) {
+  switch (type) {
+    case ffi::DataType::F32: *out = ElementType::kFloat32; return true;
+    case ffi::DataType::F16: *out = ElementType::kFloat16; return true;
+    case ffi::DataType::BF16: *out = ElementType::kBFloat16; return true;
+    default: return false;
+  }
+}
+
+inline TensorStrides contiguous_bshd(int64_t seqlen, int64_t heads, int64_t head_dim) {
+  return TensorStrides{seqlen * heads * head_dim, heads * head_dim, head_dim};
+}
+
+inline bool same_dims(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b) {
+  auto da = a.dimensions(), db = b.dimensions();
+  if (da.size() != db.size()) return false;
+  for (size_t i = 0; i < da.size(); ++i)
+    if (da[i] != db[i]) return false;
+  return true;
+}
+
+// Fills shapes, strides, scalars and forward input pointers from q, k, v and the slopes.
+inline ffi::Error decode_forward_inputs(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                                        const ffi::AnyBuffer& v,
+                                        const ffi::Buffer<ffi::F32>& alibi_slopes,
+                                        const ScalarAttributes& attrs, AttentionParams* p) {
+  auto qd = q.dimensions(), kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4) return invalid("q, k and v must have rank 4 (BSHD)");
+  if (!same_dims(k, v)) return invalid("k and v must have the same shape");
+  if (q.element_type() != k.element_type() || q.element_type() != v.element_type())
+    return invalid("q, k and v must share one dtype");
+  if (!element_type_of(q.element_type(), &p->element_type))
+    return invalid("dtype must be float32, float16 or bfloat16");
+  p->batch = qd[0];
+  p->seqlen_q = qd[1];
+  p->num_heads = qd[2];
+  p->head_dim = qd[3];
+  p->seqlen_k = kd[1];
+  p->num_heads_kv = kd[2];
+  if (kd[0] != p->batch || kd[3] != p->head_dim) return invalid("q and k disagree on batch or head_dim");
+  if (p->num_heads_kv <= 0 || p->num_heads % p->num_heads_kv != 0)
+    return invalid("num_heads must be a multiple of num_heads_kv");
+  if (p->head_dim < 1 || p->head_dim > 256) return invalid("head_dim must be in [1, 256]");
+  if (attrs.window_left < -1 || attrs.window_right < -1) return invalid("window sizes must be >= -1");
+  if (!(attrs.softcap >= 0.0f)) return invalid("softcap must be >= 0");
+
+  auto sd = alibi_slopes.dimensions();
+  if (sd.size() != 2 || sd[0] != p->batch || sd[1] != p->num_heads)
+    return invalid("alibi_slopes buffer must be (batch, num_heads) float32");
+
+  p->softmax_scale = attrs.softmax_scale;
+  p->softcap = attrs.softcap;
+  p->window_left = attrs.window_left;
+  p->window_right = attrs.window_right;
+  p->alibi_slopes = attrs.has_alibi ? alibi_slopes.typed_data() : nullptr;
+  p->q = q.untyped_data();
+  p->k = k.untyped_data();
+  p->v = v.untyped_data();
+  p->q_strides = contiguous_bshd(p->seqlen_q, p->num_heads, p->head_dim);
+  p->k_strides = contiguous_bshd(p->seqlen_k, p->num_heads_kv, p->head_dim);
+  p->v_strides = p->k_strides;
+  p->out_strides = p->q_strides;
+  return ffi::Error::Success();
+}
+
+inline bool is_lse_shape(const AttentionParams& p, const ffi::Buffer<ffi::F32>& lse) {
+  auto d = lse.dimensions();
+  return d.size() == 3 && d[0] == p.batch && d[1] == p.num_heads && d[2] == p.seqlen_q;
+}
+
+// Adds the backward operands; q, k, v, slopes and scalars come from decode_forward_inputs.
+inline ffi::Error decode_backward_operands(const ffi::AnyBuffer& q, const ffi::AnyBuffer& out,
+                                           const ffi::AnyBuffer& dout,
+                                           const ffi::Buffer<ffi::F32>& lse,
+                                           const ffi::Buffer<ffi::F32>& dlse, AttentionParams* p) {
+  if (!same_dims(q, out) || !same_dims(q, dout) || out.element_type() != q.element_type() ||
+      dout.element_type() != q.element_type())
+    return invalid("out and dout must match q in shape and dtype");
+  if (!is_lse_shape(*p, lse) || !is_lse_shape(*p, dlse))
+    return invalid("lse and its cotangent must be (batch, num_heads, seqlen_q) float32");
+  p->out = const_cast<void*>(out.untyped_data());
+  p->dout = dout.untyped_data();
+  p->lse = const_cast<float*>(lse.typed_data());
+  p->dlse = dlse.typed_data();
+  return ffi::Error::Success();
+}
+
+}  // namespace jax_flash::ffi_glue

@@ -1,0 +1,19 @@
+"""jax_flash: FlashAttention for JAX."""
+
+from jax_flash._ffi import HAS_CUDA_KERNELS
+from jax_flash.attention import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+)
+from jax_flash.reference import reference_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HAS_CUDA_KERNELS",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "reference_attention",
+]

@@ -1,0 +1,31 @@
+"""The static part of an attention call: everything the kernels take as attributes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Hashable, so it can be a nondiff argument of custom_vjp and a cache key.
+
+    ``window_right == 0`` is how causal attention reaches the kernels: one masking
+    mechanism serves causal and sliding-window attention.
+    """
+
+    softmax_scale: float
+    softcap: float
+    window_left: int
+    window_right: int
+    has_alibi: bool
+
+    def attributes(self) -> dict:
+        import numpy as np
+
+        return dict(
+            softmax_scale=np.float32(self.softmax_scale),
+            softcap=np.float32(self.softcap),
+            window_left=np.int64(self.window_left),
+            window_right=np.int64(self.window_right),
+            has_alibi=bool(self.has_alibi),
+        )

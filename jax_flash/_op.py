@@ -1,0 +1,36 @@
+"""The differentiable attention op: custom_vjp over the batchable kernel calls."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jax_flash import _batching
+from jax_flash._config import KernelConfig
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def attention(config: KernelConfig, q, k, v, alibi_slopes):
+    """Returns (out, lse). alibi_slopes is (batch, num_heads) float32 and gets no gradient."""
+    return _batching.forward_fn(config)(q, k, v, alibi_slopes)
+
+
+def _attention_fwd(config, q, k, v, alibi_slopes):
+    out, lse = _batching.forward_fn(config)(q, k, v, alibi_slopes)
+    return (out, lse), (q, k, v, alibi_slopes, out, lse)
+
+
+def _attention_bwd(config, residuals, cotangents):
+    q, k, v, alibi_slopes, out, lse = residuals
+    dout, dlse = cotangents
+    dq, dk, dv = _batching.backward_fn(config)(
+        q, k, v, out, dout.astype(out.dtype), lse, dlse.astype(jnp.float32), alibi_slopes
+    )
+    # ALiBi slopes are constants of the model (as in FlashAttention); the public API applies
+    # stop_gradient to them, so this zero is the true derivative of what the user sees.
+    return dq, dk, dv, jnp.zeros_like(alibi_slopes)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,0 +1,121 @@
+"""Public attention functions, with FlashAttention's names and argument conventions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jax_flash import _checks
+from jax_flash._config import KernelConfig
+from jax_flash._op import attention as _attention
+
+
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_lse=False,
+    dropout_key=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+):
+    """Exact attention computed by tiled kernels, never materializing the score matrix.
+
+    Args:
+      q: (batch, seqlen_q, num_heads, head_dim).
+      k, v: (batch, seqlen_k, num_heads_kv, head_dim); num_heads % num_heads_kv == 0
+        (grouped-query / multi-query attention when num_heads_kv < num_heads).
+      dropout_p, dropout_key: attention dropout (not implemented yet: must be 0 / None).
+      softmax_scale: scale of q·k, default 1 / sqrt(head_dim).
+      causal: mask keys after the query, aligned to the bottom-right corner when
+        seqlen_q != seqlen_k (query i sees key j iff j <= i + seqlen_k - seqlen_q).
+      window_size: (left, right) sliding window, same alignment; -1 leaves a side
+        unbounded. causal=True sets right to 0.
+      softcap: if > 0, scores become softcap * tanh(scores / softcap) after scaling.
+      alibi_slopes: float32 (num_heads,) or (batch, num_heads); adds
+        -slope * |i + seqlen_k - seqlen_q - j| after softcap. Treated as constants: no
+        gradient flows to them.
+      deterministic: reserved for the deterministic GPU backward (not implemented yet).
+      return_lse: also return the log-sum-exp of each row, (batch, num_heads, seqlen_q)
+        float32, natural log; +inf for a row whose keys are all masked (its output is 0).
+        Gradients flow through lse as well.
+      q_segment_ids, kv_segment_ids: packed sequences (not implemented yet).
+
+    Returns:
+      out with the shape and dtype of q, or (out, lse) when return_lse is True.
+    """
+    batch, _, num_heads, head_dim, _, _ = _checks.check_qkv(q, k, v)
+    _checks.check_dropout(dropout_p, dropout_key)
+    _checks.check_unimplemented(deterministic, q_segment_ids, kv_segment_ids)
+    window_left, window_right = _checks.check_window(window_size, causal)
+    slopes = _checks.check_alibi_slopes(alibi_slopes, batch, num_heads)
+    config = KernelConfig(
+        softmax_scale=_checks.check_softmax_scale(softmax_scale, head_dim),
+        softcap=_checks.check_softcap(softcap),
+        window_left=window_left,
+        window_right=window_right,
+        has_alibi=slopes is not None,
+    )
+    if slopes is None:
+        slopes = jnp.zeros((batch, num_heads), jnp.float32)
+    out, lse = _attention(config, q, k, v, jax.lax.stop_gradient(slopes))
+    return (out, lse) if return_lse else out
+
+
+def _unpack(packed, name, count):
+    shape = getattr(packed, "shape", None)
+    if shape is None or len(shape) != 5 or shape[2] != count:
+        raise ValueError(
+            f"{name} must have shape (batch, seqlen, {count}, num_heads, head_dim), got {shape}"
+        )
+    return [packed[:, :, i] for i in range(count)]
+
+
+def flash_attn_qkvpacked_func(
+    qkv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_lse=False,
+    dropout_key=None,
+):
+    """flash_attn_func on qkv (batch, seqlen, 3, num_heads, head_dim); gradients flow to qkv."""
+    q, k, v = _unpack(qkv, "qkv", 3)
+    return flash_attn_func(
+        q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+        window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+        deterministic=deterministic, return_lse=return_lse, dropout_key=dropout_key,
+    )
+
+
+def flash_attn_kvpacked_func(
+    q,
+    kv,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_lse=False,
+    dropout_key=None,
+):
+    """flash_attn_func with kv (batch, seqlen_k, 2, num_heads_kv, head_dim); gradients flow to kv."""
+    k, v = _unpack(kv, "kv", 2)
+    return flash_attn_func(
+        q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
+        window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
+        deterministic=deterministic, return_lse=return_lse, dropout_key=dropout_key,
+    )
