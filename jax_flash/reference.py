@@ -52,5 +52,8 @@ def reference_attention(
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
     if not return_lse:
         return out
-    lse = jnp.where(row_sum[..., 0] == 0, jnp.inf, row_max[..., 0] + jnp.log(row_sum[..., 0]))
+    row_sum = row_sum[..., 0]
+    empty = row_sum == 0
+    # log of a guarded sum: an unguarded log(0) would put NaN into the gradient of where().
+    lse = jnp.where(empty, jnp.inf, row_max[..., 0] + jnp.log(jnp.where(empty, 1, row_sum)))
     return out, lse.astype(jnp.float32) if lse.dtype != jnp.float64 else lse

@@ -1,12 +1,15 @@
 #include "ffi/cpu_handlers.h"
 
+#include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
 
 #include "cpu/attention_cpu.h"
 #include "ffi/decode_params.h"
+#include "ffi/poison.h"
 
 namespace jax_flash::ffi_glue {
 namespace {
@@ -14,6 +17,12 @@ namespace {
 // Runs tasks on XLA's intra-op thread pool with the calling thread taking part. Tasks are
 // claimed from a shared counter, and the caller waits for finished tasks rather than for
 // helpers, so a helper that the pool starts late (or never) cannot stall the call.
+template <typename... Buffers>
+void poison_if_requested(Buffers&... buffers) {
+  if (!poison_outputs_requested()) return;
+  (std::memset(buffers.untyped_data(), kPoisonByte, buffers.size_bytes()), ...);
+}
+
 cpu::ParallelFor make_parallel_for(ffi::ThreadPool& pool) {
   return [&pool](int64_t num_tasks, const std::function<void(int64_t)>& task) {
     if (num_tasks <= 0) return;
@@ -56,6 +65,7 @@ ffi::Error forward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
     return invalid("forward results must be out (like q) and lse (batch, num_heads, seqlen_q)");
   p.out = out->untyped_data();
   p.lse = lse->typed_data();
+  poison_if_requested(*out, *lse);
   cpu::attention_forward(p, make_parallel_for(pool));
   return ffi::Error::Success();
 }
@@ -75,6 +85,7 @@ ffi::Error backward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
   p.dq = dq->untyped_data();
   p.dk = dk->untyped_data();
   p.dv = dv->untyped_data();
+  poison_if_requested(*dq, *dk, *dv);
   cpu::attention_backward(p, make_parallel_for(pool));
   return ffi::Error::Success();
 }
