@@ -25,7 +25,11 @@ HAS_CUDA_KERNELS = bool(_PLATFORM_TARGETS["CUDA"])
 
 
 def _check_backend():
-    if jax.default_backend() == "gpu" and not HAS_CUDA_KERNELS:
+    if HAS_CUDA_KERNELS:
+        return
+    default_device = jax.config.jax_default_device
+    platform = getattr(default_device, "platform", None) or jax.default_backend()
+    if platform == "gpu":
         raise RuntimeError(
             "jax_flash was built without CUDA kernels, but JAX's default backend is GPU. "
             "Rebuild with nvcc on PATH (JAX_FLASH_CUDA=ON pip install .) or run on CPU."

@@ -1,0 +1,107 @@
+"""Forward and forward+backward TFLOP/s of jax_flash beside jax.nn.dot_product_attention.
+
+The FlashAttention benchmark grid: batch * seqlen = 16384 tokens, hidden 2048 (heads =
+2048 / head_dim), bf16. FLOPs: forward 4 * b * h * s^2 * d (halved when causal), forward +
+backward 3.5 times that. Each figure is the median over several batches of back-to-back
+jitted calls after warm-up, on fresh random (never zero) inputs.
+
+    python benchmarks/bench_attention.py --head-dims 64 128 256 --seqlens 512 1024 2048 4096 8192 16384 \
+        --json results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import jax_flash as jf
+
+TOKENS, HIDDEN = 16384, 2048
+
+
+def implementations():
+    def ours(q, k, v, causal):
+        return jf.flash_attn_func(q, k, v, causal=causal)
+
+    def cudnn(q, k, v, causal):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+
+    def xla(q, k, v, causal):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+
+    return {"jax_flash": ours, "cudnn": cudnn, "xla": xla}
+
+
+def time_call(fn, args, calls_per_batch=10, batches=5):
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        for _ in range(calls_per_batch):
+            result = fn(*args)
+        jax.block_until_ready(result)
+        times.append((time.perf_counter() - start) / calls_per_batch)
+    return statistics.median(times)
+
+
+def measure(name, attention, head_dim, seqlen, causal, mode):
+    batch, heads = TOKENS // seqlen, HIDDEN // head_dim
+    keys = jax.random.split(jax.random.key(seqlen * 7 + head_dim), 3)
+    q, k, v = (jax.random.normal(key, (batch, seqlen, heads, head_dim), jnp.bfloat16) for key in keys)
+    flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
+    if mode == "fwd":
+        fn = jax.jit(lambda q, k, v: attention(q, k, v, causal))
+    else:
+        flops *= 3.5
+        loss = lambda q, k, v: jnp.sum(attention(q, k, v, causal).astype(jnp.float32))
+        fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    try:
+        seconds = time_call(fn, (q, k, v))
+    except Exception as error:  # out of memory, unsupported configuration
+        return dict(impl=name, head_dim=head_dim, seqlen=seqlen, causal=causal, mode=mode,
+                    error=str(error).splitlines()[0][:160])
+    row = dict(impl=name, head_dim=head_dim, seqlen=seqlen, causal=causal, mode=mode,
+               ms=seconds * 1e3, tflops=flops / seconds / 1e12)
+    if seqlen == 16384:
+        memory = fn.lower(q, k, v).compile().memory_analysis()
+        row["temp_mib"] = memory.temp_size_in_bytes / 2**20
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--impls", nargs="+", default=["jax_flash", "cudnn", "xla"])
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    impls = implementations()
+    print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    rows = []
+    for head_dim in args.head_dims:
+        for causal in (False, True):
+            for seqlen in args.seqlens:
+                for mode in args.modes:
+                    line = [f"d={head_dim:3d} s={seqlen:5d} causal={int(causal)} {mode:7s}"]
+                    for name in args.impls:
+                        row = measure(name, impls[name], head_dim, seqlen, causal, mode)
+                        rows.append(row)
+                        cell = f"{row['tflops']:6.1f}" if "tflops" in row else "  fail"
+                        if "temp_mib" in row:
+                            cell += f" ({row['temp_mib']:.0f} MiB)"
+                        line.append(f"{name}={cell}")
+                    print("  ".join(line), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

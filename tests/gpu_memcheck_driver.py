@@ -1,0 +1,25 @@
+"""Calls only jax_flash's CUDA kernels (forward and backward) on small odd shapes, for
+`compute-sanitizer --tool memcheck`; no reference, so the sanitizer sees our kernels alone.
+Not collected by pytest (no test_ prefix); benchmarks/device_run.sh runs it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_flash as jf
+
+SHAPES = [(1, 1, 1, 2, 1, 16), (2, 17, 33, 4, 2, 64), (1, 33, 17, 4, 1, 24), (1, 130, 70, 2, 2, 7),
+          (1, 70, 65, 2, 1, 256), (1, 200, 131, 2, 1, 128), (1, 77, 77, 3, 1, 160)]
+OPTIONS = [dict(), dict(causal=True), dict(window_size=(9, 3), softcap=3.0)]
+
+for shape in SHAPES:
+    b, sq, sk, h, hk, d = shape
+    rng = np.random.default_rng(sum(shape))
+    q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
+               for s in [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d)])
+    for options in OPTIONS:
+        loss = lambda q, k, v: jnp.sum(jf.flash_attn_func(q, k, v, **options).astype(jnp.float32))
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        assert all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in grads), (shape, options)
+    print("ok", shape, flush=True)
+print("memcheck driver finished")

@@ -1,0 +1,92 @@
+"""CUDA kernels against a float32 reference on the GPU: the CPU grid plus larger shapes.
+
+Runs only where JAX has a GPU and jax_flash was built with its CUDA kernels; elsewhere
+every test here is skipped with the reason.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_flash as jf
+from helpers import alibi_slopes_for, assert_within_twice_plain, random_qkv
+
+GPU = [d for d in jax.devices() if d.platform == "gpu"] if jax.default_backend() == "gpu" else []
+pytestmark = pytest.mark.skipif(
+    not (GPU and jf.HAS_CUDA_KERNELS),
+    reason="needs a GPU and a jax_flash build with CUDA kernels (JAX_FLASH_CUDA=ON)",
+)
+
+STATIC = ("softmax_scale", "causal", "window_size", "softcap", "return_lse")
+flash = jax.jit(jf.flash_attn_func, static_argnames=STATIC)
+reference = jax.jit(jf.reference_attention, static_argnames=STATIC)
+
+# (batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim)
+SMALL = [(2, 1, 1, 2, 1, 16), (1, 17, 17, 4, 4, 40), (2, 17, 33, 4, 2, 64), (1, 33, 17, 4, 1, 24),
+         (1, 130, 70, 2, 2, 7), (1, 70, 65, 2, 1, 256), (1, 1000, 1000, 2, 1, 64),
+         (1, 1000, 377, 4, 2, 96)]
+LARGE = [(2, 1024, 1024, 4, 4, 32), (1, 2048, 2048, 4, 2, 64), (1, 4096, 4096, 2, 1, 128),
+         (1, 8192, 8192, 2, 2, 128), (1, 3000, 5000, 2, 1, 160), (1, 2048, 2048, 2, 2, 256)]
+FEATURES = {
+    "none": dict(),
+    "causal": dict(causal=True),
+    "window": dict(window_size=(100, 7)),
+    "softcap_alibi_causal": dict(causal=True, softcap=4.0, alibi=True),
+}
+
+
+def kwargs_for(feature, shape):
+    kwargs = dict(FEATURES[feature])
+    if kwargs.pop("alibi", False):
+        kwargs["alibi_slopes"] = alibi_slopes_for(shape[3], batch=shape[0])
+    return kwargs
+
+
+def check(shape, feature, dtype, gradients):
+    q, k, v = random_qkv(sum(shape), *shape, dtype)
+    kwargs = kwargs_for(feature, shape)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    out, lse = flash(q, k, v, return_lse=True, **kwargs)
+    exact_out, exact_lse = reference(*f32, return_lse=True, **kwargs)
+    plain_out, _ = reference(q, k, v, return_lse=True, **kwargs)
+    assert_within_twice_plain("out", out, plain_out, exact_out, dtype)
+    np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(np.asarray(exact_lse)))
+    finite = np.isfinite(np.asarray(exact_lse))
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(exact_lse)[finite], atol=2e-2)
+    if not gradients:
+        return
+    cot = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v, **kwargs).astype(jnp.float32) * cot)
+
+    ours = jax.jit(jax.grad(loss(flash), argnums=(0, 1, 2)))(q, k, v)
+    plain = jax.jit(jax.grad(loss(reference), argnums=(0, 1, 2)))(q, k, v)
+    exact = jax.jit(jax.grad(loss(reference), argnums=(0, 1, 2)))(*f32)
+    for name, a, b, c in zip(("dq", "dk", "dv"), ours, plain, exact):
+        assert_within_twice_plain(name, a, b, c, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("shape", SMALL, ids=str)
+def test_small_grid(shape, feature, dtype):
+    check(shape, feature, dtype, gradients=True)
+
+
+@pytest.mark.parametrize("feature", ["none", "causal"])
+@pytest.mark.parametrize("shape", LARGE, ids=str)
+def test_large_shapes_bf16(shape, feature):
+    check(shape, feature, jnp.bfloat16, gradients=True)
+
+
+@pytest.mark.parametrize("head_dim", [8, 32, 64, 80, 96, 128, 160, 192, 256])
+def test_every_head_dim_class(head_dim):
+    check((2, 300, 257, 4, 2, head_dim), "causal", jnp.bfloat16, gradients=True)
+
+
+def test_float32_on_gpu_is_a_clear_error():
+    q, k, v = random_qkv(0, 1, 16, 16, 2, 2, 32, jnp.float32)
+    with pytest.raises(Exception, match="float16 or bfloat16"):
+        jax.block_until_ready(jf.flash_attn_func(q, k, v))
