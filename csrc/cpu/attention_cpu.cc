@@ -23,13 +23,14 @@ const float* lse_row(const float* base, const AttentionParams& p, int64_t b, int
 // the online softmax: a running row max and row sum rescale the accumulator as keys arrive.
 template <typename T>
 void forward_block(const AttentionParams& p, int64_t b, int64_t head, int64_t row0, int m) {
+  using A = Accumulator<T>;
   const int64_t d = p.head_dim;
   const int64_t head_kv = head / p.group_size();
   const float slope = alibi_slope_for(p, b, head);
 
-  std::vector<float> q(kBlockM * d), kt(d * kBlockN), v(kBlockN * d), acc(kBlockM * d, 0.0f);
-  std::vector<float> s(kBlockM * kBlockN);
-  std::vector<float> row_max(kBlockM, kNegInf), row_sum(kBlockM, 0.0f);
+  std::vector<A> q(kBlockM * d), kt(d * kBlockN), v(kBlockN * d), acc(kBlockM * d, 0);
+  std::vector<A> s(kBlockM * kBlockN);
+  std::vector<A> row_max(kBlockM, kNegInf<A>), row_sum(kBlockM, 0);
   load_rows<T>(p.q, p.q_strides, b, head, row0, m, d, q.data());
 
   const IndexRange keys = visible_keys(p, row0, row0 + m);
@@ -38,26 +39,26 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t head, int64_t ro
     load_rows_transposed<T>(p.k, p.k_strides, b, head_kv, col0, n, d, kBlockN, kt.data());
     load_rows<T>(p.v, p.v_strides, b, head_kv, col0, n, d, v.data());
     matmul_abt(q.data(), kt.data(), m, n, d, s.data());
-    finish_scores(p, slope, row0, m, col0, n, s.data(), nullptr);
+    finish_scores<A>(p, slope, row0, m, col0, n, s.data(), nullptr);
 
     for (int i = 0; i < m; ++i) {
-      float* s_row = s.data() + i * kBlockN;
-      float block_max = kNegInf;
+      A* s_row = s.data() + i * kBlockN;
+      A block_max = kNegInf<A>;
       for (int j = 0; j < n; ++j) block_max = std::max(block_max, s_row[j]);
-      const float new_max = std::max(row_max[i], block_max);
-      if (new_max == kNegInf) {  // every key so far is masked for this row
-        for (int j = 0; j < n; ++j) s_row[j] = 0.0f;
+      const A new_max = std::max(row_max[i], block_max);
+      if (new_max == kNegInf<A>) {  // every key so far is masked for this row
+        for (int j = 0; j < n; ++j) s_row[j] = 0;
         continue;
       }
-      const float rescale = std::exp(row_max[i] - new_max);
-      float sum = 0.0f;
+      const A rescale = std::exp(row_max[i] - new_max);
+      A sum = 0;
       for (int j = 0; j < n; ++j) {
         s_row[j] = std::exp(s_row[j] - new_max);
         sum += s_row[j];
       }
       row_sum[i] = row_sum[i] * rescale + sum;
       row_max[i] = new_max;
-      float* acc_row = acc.data() + i * d;
+      A* acc_row = acc.data() + i * d;
       for (int64_t c = 0; c < d; ++c) acc_row[c] *= rescale;
     }
     matmul_accumulate(s.data(), v.data(), m, n, d, acc.data());
@@ -67,58 +68,62 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t head, int64_t ro
   for (int i = 0; i < m; ++i) {
     // A row that saw no key gets a zero output and lse = +inf, so that exp(s - lse) = 0
     // in the backward pass and in any lse-based merge.
-    const bool empty = row_sum[i] == 0.0f;
-    const float inv_sum = empty ? 0.0f : 1.0f / row_sum[i];
+    const bool empty = row_sum[i] == 0;
+    const A inv_sum = empty ? 0 : 1 / row_sum[i];
     for (int64_t c = 0; c < d; ++c) acc[i * d + c] *= inv_sum;
-    lse[i] = empty ? kInf : row_max[i] + std::log(row_sum[i]);
+    lse[i] = empty ? kInf : static_cast<float>(row_max[i] + std::log(row_sum[i]));
   }
   store_rows<T>(acc.data(), m, d, p.out, p.out_strides, b, head, row0);
 }
 
 // Scratch for the backward tiles, sized once per task.
+template <typename A>
 struct BackwardTile {
   explicit BackwardTile(int64_t d)
-      : s(kBlockM * kBlockN), dp(kBlockM * kBlockN), softcap_grad(kBlockM * kBlockN, 1.0f),
+      : s(kBlockM * kBlockN), dp(kBlockM * kBlockN), softcap_grad(kBlockM * kBlockN, 1),
         kt(d * kBlockN), vt(d * kBlockN) {}
-  std::vector<float> s, dp, softcap_grad, kt, vt;
+  std::vector<A> s, dp, softcap_grad, kt, vt;
 };
 
 // Given q, dout [m × d] and kt, vt [d × kBlockN], leaves P in tile.s and dS (already
 // multiplied by the softcap derivative and the softmax scale) in tile.dp.
+template <typename A>
 void probabilities_and_score_grads(const AttentionParams& p, float slope, int64_t row0, int m,
-                                   int64_t col0, int n, const float* q, const float* dout,
-                                   const float* lse, const float* delta, BackwardTile& tile) {
+                                   int64_t col0, int n, const A* q, const A* dout,
+                                   const float* lse, const A* delta, BackwardTile<A>& tile) {
   const int64_t d = p.head_dim;
+  const A scale = p.softmax_scale;
   matmul_abt(q, tile.kt.data(), m, n, d, tile.s.data());
-  finish_scores(p, slope, row0, m, col0, n, tile.s.data(),
-                p.softcap > 0.0f ? tile.softcap_grad.data() : nullptr);
+  finish_scores<A>(p, slope, row0, m, col0, n, tile.s.data(),
+                   p.softcap > 0.0f ? tile.softcap_grad.data() : nullptr);
   matmul_abt(dout, tile.vt.data(), m, n, d, tile.dp.data());
   for (int i = 0; i < m; ++i) {
-    float* s_row = tile.s.data() + i * kBlockN;
-    float* dp_row = tile.dp.data() + i * kBlockN;
-    const float* g_row = tile.softcap_grad.data() + i * kBlockN;
+    A* s_row = tile.s.data() + i * kBlockN;
+    A* dp_row = tile.dp.data() + i * kBlockN;
+    const A* g_row = tile.softcap_grad.data() + i * kBlockN;
+    const A row_lse = lse[i];
     for (int j = 0; j < n; ++j) {
-      const float prob = std::exp(s_row[j] - lse[i]);  // 0 for masked keys and empty rows
+      const A prob = std::exp(s_row[j] - row_lse);  // 0 for masked keys and empty rows
       s_row[j] = prob;
-      dp_row[j] = prob * (dp_row[j] - delta[i]) * g_row[j] * p.softmax_scale;
+      dp_row[j] = prob * (dp_row[j] - delta[i]) * g_row[j] * scale;
     }
   }
 }
 
 // delta[i] = rowsum(dout ∘ out) - dlse: the term the softmax gradient subtracts; folding
 // the lse cotangent in here is all it takes to differentiate through lse.
-template <typename T>
-void compute_delta(const AttentionParams& p, const ParallelFor& parallel_for, float* delta) {
+template <typename T, typename A = Accumulator<T>>
+void compute_delta(const AttentionParams& p, const ParallelFor& parallel_for, A* delta) {
   const int64_t d = p.head_dim;
   parallel_for(p.batch * p.num_heads, [&](int64_t task) {
     const int64_t b = task / p.num_heads, head = task % p.num_heads;
-    float* delta_row = delta + task * p.seqlen_q;
+    A* delta_row = delta + task * p.seqlen_q;
     const float* dlse = lse_row(p.dlse, p, b, head);
     for (int64_t i = 0; i < p.seqlen_q; ++i) {
       const T* o = row_ptr<T>(p.out, p.out_strides, b, i, head);
       const T* g = row_ptr<T>(p.dout, p.out_strides, b, i, head);
-      float sum = 0.0f;
-      for (int64_t c = 0; c < d; ++c) sum += to_float(o[c]) * to_float(g[c]);
+      A sum = 0;
+      for (int64_t c = 0; c < d; ++c) sum += A{to_float(o[c])} * A{to_float(g[c])};
       delta_row[i] = sum - dlse[i];
     }
   });
@@ -127,13 +132,13 @@ void compute_delta(const AttentionParams& p, const ParallelFor& parallel_for, fl
 // dK and dV for one block of keys of one (batch, kv head), summed over the query heads of
 // its group and over every query block that can see it. Owning the key block makes the
 // accumulation race-free.
-template <typename T>
-void backward_key_block(const AttentionParams& p, const float* delta, int64_t b, int64_t head_kv,
+template <typename T, typename A = Accumulator<T>>
+void backward_key_block(const AttentionParams& p, const A* delta, int64_t b, int64_t head_kv,
                         int64_t col0, int n) {
   const int64_t d = p.head_dim;
-  BackwardTile tile(d);
-  std::vector<float> q(kBlockM * d), dout(kBlockM * d);
-  std::vector<float> dk(kBlockN * d, 0.0f), dv(kBlockN * d, 0.0f);
+  BackwardTile<A> tile(d);
+  std::vector<A> q(kBlockM * d), dout(kBlockM * d);
+  std::vector<A> dk(kBlockN * d, 0), dv(kBlockN * d, 0);
   load_rows_transposed<T>(p.k, p.k_strides, b, head_kv, col0, n, d, kBlockN, tile.kt.data());
   load_rows_transposed<T>(p.v, p.v_strides, b, head_kv, col0, n, d, kBlockN, tile.vt.data());
 
@@ -141,7 +146,7 @@ void backward_key_block(const AttentionParams& p, const float* delta, int64_t b,
   for (int64_t head = head_kv * p.group_size(); head < (head_kv + 1) * p.group_size(); ++head) {
     const float slope = alibi_slope_for(p, b, head);
     const float* lse = lse_row(p.lse, p, b, head);
-    const float* delta_row = delta + (b * p.num_heads + head) * p.seqlen_q;
+    const A* delta_row = delta + (b * p.num_heads + head) * p.seqlen_q;
     for (int64_t row0 = rows.begin; row0 < rows.end; row0 += kBlockM) {
       const int m = static_cast<int>(std::min<int64_t>(kBlockM, rows.end - row0));
       load_rows<T>(p.q, p.q_strides, b, head, row0, m, d, q.data());
@@ -157,18 +162,18 @@ void backward_key_block(const AttentionParams& p, const float* delta, int64_t b,
 }
 
 // dQ for one block of query rows: recomputes P and dS against every visible key block.
-template <typename T>
-void backward_query_block(const AttentionParams& p, const float* delta, int64_t b, int64_t head,
+template <typename T, typename A = Accumulator<T>>
+void backward_query_block(const AttentionParams& p, const A* delta, int64_t b, int64_t head,
                           int64_t row0, int m) {
   const int64_t d = p.head_dim;
   const int64_t head_kv = head / p.group_size();
   const float slope = alibi_slope_for(p, b, head);
-  BackwardTile tile(d);
-  std::vector<float> q(kBlockM * d), dout(kBlockM * d), k(kBlockN * d), dq(kBlockM * d, 0.0f);
+  BackwardTile<A> tile(d);
+  std::vector<A> q(kBlockM * d), dout(kBlockM * d), k(kBlockN * d), dq(kBlockM * d, 0);
   load_rows<T>(p.q, p.q_strides, b, head, row0, m, d, q.data());
   load_rows<T>(p.dout, p.out_strides, b, head, row0, m, d, dout.data());
   const float* lse = lse_row(p.lse, p, b, head) + row0;
-  const float* delta_row = delta + (b * p.num_heads + head) * p.seqlen_q + row0;
+  const A* delta_row = delta + (b * p.num_heads + head) * p.seqlen_q + row0;
 
   const IndexRange keys = visible_keys(p, row0, row0 + m);
   for (int64_t col0 = keys.begin; col0 < keys.end; col0 += kBlockN) {
@@ -196,7 +201,7 @@ void forward_impl(const AttentionParams& p, const ParallelFor& parallel_for) {
 
 template <typename T>
 void backward_impl(const AttentionParams& p, const ParallelFor& parallel_for) {
-  std::vector<float> delta(p.batch * p.num_heads * p.seqlen_q);
+  std::vector<Accumulator<T>> delta(p.batch * p.num_heads * p.seqlen_q);
   compute_delta<T>(p, parallel_for, delta.data());
 
   const int64_t blocks_k = ceil_div(p.seqlen_k, kBlockN);

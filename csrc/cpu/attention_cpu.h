@@ -1,5 +1,5 @@
 // Tiled exact attention on the CPU: the same blocked online-softmax algorithm as the GPU
-// kernels, in float32 arithmetic, with O(seqlen) extra memory per call.
+// kernels, in float32 arithmetic (float64 for float32 inputs), with O(seqlen) extra memory per call.
 #pragma once
 
 #include <cstdint>

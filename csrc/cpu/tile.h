@@ -1,5 +1,6 @@
 // Building blocks shared by the CPU forward and backward passes: moving a tile of rows
-// between storage and float32 scratch, and turning Q·Kᵀ into masked, capped, biased scores.
+// between storage and scratch in the accumulator type, and turning Q·Kᵀ into masked,
+// capped, biased scores.
 #pragma once
 
 #include <cmath>
@@ -13,7 +14,16 @@ namespace jax_flash::cpu {
 
 inline constexpr int kBlockM = 64;  // query rows per tile
 inline constexpr int kBlockN = 64;  // key rows per tile
-inline constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// The arithmetic type of a call: float32 for 16-bit inputs (as on the GPU), float64 for
+// float32 inputs, so that the CPU path stays at least as accurate as plain float32
+// attention even though it recomputes probabilities from a stored lse.
+template <typename T> struct AccumulatorOf { using type = float; };
+template <> struct AccumulatorOf<float> { using type = double; };
+template <typename T> using Accumulator = typename AccumulatorOf<T>::type;
+
+template <typename A>
+inline constexpr A kNegInf = -std::numeric_limits<A>::infinity();
 
 template <typename T>
 const T* row_ptr(const void* base, const TensorStrides& s, int64_t b, int64_t row, int64_t head) {
@@ -26,9 +36,9 @@ T* row_ptr(void* base, const TensorStrides& s, int64_t b, int64_t row, int64_t h
 }
 
 // dst[r * d + c] = src row (row0 + r), column c.
-template <typename T>
+template <typename T, typename A>
 void load_rows(const void* base, const TensorStrides& s, int64_t b, int64_t head, int64_t row0,
-               int rows, int64_t d, float* dst) {
+               int rows, int64_t d, A* dst) {
   for (int r = 0; r < rows; ++r) {
     const T* src = row_ptr<T>(base, s, b, row0 + r, head);
     for (int64_t c = 0; c < d; ++c) dst[r * d + c] = to_float(src[c]);
@@ -37,62 +47,64 @@ void load_rows(const void* base, const TensorStrides& s, int64_t b, int64_t head
 
 // dst[c * ld + r] = src row (row0 + r), column c: keys laid out so that Q·Kᵀ vectorizes
 // over keys without reassociating float sums.
-template <typename T>
+template <typename T, typename A>
 void load_rows_transposed(const void* base, const TensorStrides& s, int64_t b, int64_t head,
-                          int64_t row0, int rows, int64_t d, int ld, float* dst) {
+                          int64_t row0, int rows, int64_t d, int ld, A* dst) {
   for (int r = 0; r < rows; ++r) {
     const T* src = row_ptr<T>(base, s, b, row0 + r, head);
     for (int64_t c = 0; c < d; ++c) dst[c * ld + r] = to_float(src[c]);
   }
 }
 
-template <typename T>
-void store_rows(const float* src, int rows, int64_t d, void* base, const TensorStrides& s,
+template <typename T, typename A>
+void store_rows(const A* src, int rows, int64_t d, void* base, const TensorStrides& s,
                 int64_t b, int64_t head, int64_t row0) {
   for (int r = 0; r < rows; ++r) {
     T* dst = row_ptr<T>(base, s, b, row0 + r, head);
-    for (int64_t c = 0; c < d; ++c) dst[c] = from_float<T>(src[r * d + c]);
+    for (int64_t c = 0; c < d; ++c) dst[c] = from_float<T>(static_cast<float>(src[r * d + c]));
   }
 }
 
 // c[m × n] = a[m × d] · bt[d × n] (bt row stride kBlockN).
-inline void matmul_abt(const float* a, const float* bt, int m, int n, int64_t d, float* c) {
+template <typename A>
+void matmul_abt(const A* a, const A* bt, int m, int n, int64_t d, A* c) {
   for (int i = 0; i < m; ++i) {
-    float* c_row = c + i * kBlockN;
-    for (int j = 0; j < n; ++j) c_row[j] = 0.0f;
-    const float* a_row = a + i * d;
+    A* c_row = c + i * kBlockN;
+    for (int j = 0; j < n; ++j) c_row[j] = 0;
+    const A* a_row = a + i * d;
     for (int64_t k = 0; k < d; ++k) {
-      const float a_ik = a_row[k];
-      const float* bt_row = bt + k * kBlockN;
+      const A a_ik = a_row[k];
+      const A* bt_row = bt + k * kBlockN;
       for (int j = 0; j < n; ++j) c_row[j] += a_ik * bt_row[j];
     }
   }
 }
 
 // acc[m × d] += w[m × n] · b[n × d] (w row stride kBlockN).
-inline void matmul_accumulate(const float* w, const float* b, int m, int n, int64_t d, float* acc) {
+template <typename A>
+void matmul_accumulate(const A* w, const A* b, int m, int n, int64_t d, A* acc) {
   for (int i = 0; i < m; ++i) {
-    float* acc_row = acc + i * d;
-    const float* w_row = w + i * kBlockN;
+    A* acc_row = acc + i * d;
+    const A* w_row = w + i * kBlockN;
     for (int j = 0; j < n; ++j) {
-      const float w_ij = w_row[j];
-      if (w_ij == 0.0f) continue;
-      const float* b_row = b + j * d;
+      const A w_ij = w_row[j];
+      if (w_ij == 0) continue;
+      const A* b_row = b + j * d;
       for (int64_t k = 0; k < d; ++k) acc_row[k] += w_ij * b_row[k];
     }
   }
 }
 
 // acc[n × d] += wᵀ · a, with w [m × n] (row stride kBlockN) and a [m × d].
-inline void matmul_at_accumulate(const float* w, const float* a, int m, int n, int64_t d,
-                                 float* acc) {
+template <typename A>
+void matmul_at_accumulate(const A* w, const A* a, int m, int n, int64_t d, A* acc) {
   for (int i = 0; i < m; ++i) {
-    const float* w_row = w + i * kBlockN;
-    const float* a_row = a + i * d;
+    const A* w_row = w + i * kBlockN;
+    const A* a_row = a + i * d;
     for (int j = 0; j < n; ++j) {
-      const float w_ij = w_row[j];
-      if (w_ij == 0.0f) continue;
-      float* acc_row = acc + j * d;
+      const A w_ij = w_row[j];
+      if (w_ij == 0) continue;
+      A* acc_row = acc + j * d;
       for (int64_t k = 0; k < d; ++k) acc_row[k] += w_ij * a_row[k];
     }
   }
@@ -102,26 +114,28 @@ inline void matmul_at_accumulate(const float* w, const float* a, int m, int n, i
 // col0.. into final scores: scale, softcap, ALiBi, then the window mask (-inf).
 // When softcap_grad is given it receives d(score)/d(scaled dot) = 1 - tanh², needed by
 // the backward pass.
-inline void finish_scores(const AttentionParams& p, float alibi_slope, int64_t row0, int m,
-                          int64_t col0, int n, float* s, float* softcap_grad) {
+template <typename A>
+void finish_scores(const AttentionParams& p, float alibi_slope, int64_t row0, int m,
+                   int64_t col0, int n, A* s, A* softcap_grad) {
   const int64_t offset = p.diagonal_offset();
   const bool capped = p.softcap > 0.0f;
-  const float inv_cap = capped ? 1.0f / p.softcap : 0.0f;
+  const A softcap = p.softcap, scale = p.softmax_scale, slope = alibi_slope;
+  const A inv_cap = capped ? 1 / softcap : 0;
   for (int i = 0; i < m; ++i) {
-    float* s_row = s + i * kBlockN;
+    A* s_row = s + i * kBlockN;
     const int64_t diagonal = row0 + i + offset;  // the key aligned with this query
     for (int j = 0; j < n; ++j) {
-      float x = s_row[j] * p.softmax_scale;
+      A x = s_row[j] * scale;
       if (capped) {
-        const float t = std::tanh(x * inv_cap);
-        x = p.softcap * t;
-        if (softcap_grad) softcap_grad[i * kBlockN + j] = 1.0f - t * t;
+        const A t = std::tanh(x * inv_cap);
+        x = softcap * t;
+        if (softcap_grad) softcap_grad[i * kBlockN + j] = 1 - t * t;
       }
       const int64_t key = col0 + j;
-      if (p.has_alibi()) x -= alibi_slope * static_cast<float>(std::llabs(diagonal - key));
+      if (p.has_alibi()) x -= slope * static_cast<A>(std::llabs(diagonal - key));
       if ((p.window_left >= 0 && key < diagonal - p.window_left) ||
           (p.window_right >= 0 && key > diagonal + p.window_right)) {
-        x = kNegInf;
+        x = kNegInf<A>;
       }
       s_row[j] = x;
     }
