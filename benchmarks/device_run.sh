@@ -1,48 +1,69 @@
 #!/usr/bin/env bash
-# One call on the device machine: build with the CUDA kernels, run the CPU and GPU tests,
-# memcheck our kernels, and benchmark. Logs and JSON go to $OUT (the device tool returns
-# them). Steps to run are arguments: build cputests gputests memcheck bench bench-quick.
-#   bash benchmarks/device_run.sh build gputests memcheck bench
+# One call on the device machine: build with the CUDA kernels, run the GPU tests, memcheck
+# our kernels, and benchmark. Logs and JSON go to $OUT (the device tool returns them).
+# Steps are arguments, each optionally with a time limit in seconds (step:seconds):
+#   bash benchmarks/device_run.sh build gputests:300 memcheck:120 bench-quick
+# Steps: build cputests gputests memcheck bench bench-quick sass.
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 JAX_FLASH_POISON_OUTPUTS=1
-PY=python3
+PY=${PY:-python3}
+ROOT=$(pwd)
 log() { echo "== $* ($(date +%T))"; }
 
-for step in "$@"; do
+run_step() {
+  local step=$1 limit=$2
   case "$step" in
     build)
-      log build
-      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$OUT/device.txt"
       $PY -c "import jax; print('jax', jax.__version__)" | tee -a "$OUT/device.txt"
-      start=$(date +%s)
-      CMAKE_BUILD_PARALLEL_LEVEL=16 JAX_FLASH_CUDA=ON $PY -m pip install --no-build-isolation --no-deps \
-        -v . > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
-      echo "build took $(( $(date +%s) - start )) s" | tee -a "$OUT/device.txt"
+      local start=$(date +%s)
+      CMAKE_BUILD_PARALLEL_LEVEL=16 JAX_FLASH_CUDA=ON timeout "$limit" $PY -m pip install \
+        --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1 \
+        || { grep -E "error|Error" "$OUT/build.log" | head -30; tail -30 "$OUT/build.log"; return 1; }
+      echo "build took $(( $(date +%s) - start )) s (16 jobs, from scratch)" | tee -a "$OUT/device.txt"
       (cd /tmp && $PY -c "import jax_flash as jf; print('cuda kernels:', jf.HAS_CUDA_KERNELS)") | tee -a "$OUT/device.txt"
       ;;
     cputests)
-      log "CPU tests (jax on CPU)"
-      (cd tests && JAX_PLATFORMS=cpu $PY -m pytest -q -x -p no:cacheprovider . 2>&1 | tail -5) | tee "$OUT/cputests.log"
+      (cd tests && JAX_PLATFORMS=cpu timeout "$limit" $PY -m pytest -q -p no:cacheprovider . 2>&1 | tail -5) | tee "$OUT/cputests.log"
       ;;
     gputests)
-      log "GPU tests"
-      (cd tests && $PY -m pytest -q -p no:cacheprovider test_gpu.py 2>&1 | tail -40) | tee "$OUT/gputests.log"
+      # Several processes share the GPU: compilation, not the GPU, is what these wait on,
+      # and autotuning the references' matmuls would only lengthen it.
+      (cd tests && XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_autotune_level=0 timeout "$limit" $PY -m pytest -v -n 8 \
+        -p no:cacheprovider -p no:benchmark --tb=short -rfE test_gpu.py > "$OUT/gputests.log" 2>&1)
+      # Per-test lines stream into the log, so a run cut by its time limit still shows them.
+      grep -cE " PASSED " "$OUT/gputests.log" | sed 's/^/passed so far: /'
+      grep -E " (FAILED|ERROR) |^E  .*Error|passed|failed" "$OUT/gputests.log" | head -40
       ;;
     memcheck)
-      log memcheck
-      (cd tests && XLA_PYTHON_CLIENT_PREALLOCATE=false compute-sanitizer --tool memcheck --print-limit 20 $PY gpu_memcheck_driver.py 2>&1 | tail -25) | tee "$OUT/memcheck.log"
+      (cd tests && XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$limit" compute-sanitizer --tool memcheck \
+        --print-limit 20 --kernel-name kns=jax_flash $PY gpu_memcheck_driver.py > "$OUT/memcheck.log" 2>&1)
+      tail -8 "$OUT/memcheck.log"
       ;;
     bench)
-      log bench
-      (cd /tmp && $PY "$OLDPWD/benchmarks/bench_attention.py" --json "$OUT/bench.json") 2>&1 | tee "$OUT/bench.log"
+      (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --json "$OUT/bench.json") 2>&1 | tee "$OUT/bench.log"
       ;;
     bench-quick)
-      log bench-quick
-      (cd /tmp && $PY "$OLDPWD/benchmarks/bench_attention.py" --head-dims 128 --seqlens 2048 8192 \
-        --json "$OUT/bench_quick.json") 2>&1 | tee "$OUT/bench_quick.log"
+      (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 --seqlens 2048 8192 \
+        --impls jax_flash cudnn --json "$OUT/bench_quick.json") 2>&1 | tee "$OUT/bench_quick.log"
       ;;
-    *) echo "unknown step $step"; exit 2 ;;
+    sass)
+      # Resource usage of every kernel, from the build tree.
+      cuobjdump --dump-resource-usage "$(find build -name '_jax_flash*.so' | head -1)" 2>&1 \
+        | grep -E "Function|REG" | paste - - | sed -E 's/ +/ /g' | cut -c1-220 > "$OUT/resources.txt"
+      head -40 "$OUT/resources.txt"
+      ;;
+    *) echo "unknown step $step"; return 2 ;;
   esac
+}
+
+for arg in "$@"; do
+  step=${arg%%:*}
+  limit=600
+  [[ "$arg" == *:* ]] && limit=${arg##*:}
+  log "$step (limit ${limit}s)"
+  run_step "$step" "$limit" || echo "!! step $step failed or timed out (rc $?)"
 done
+log done

@@ -24,21 +24,31 @@ for _platform, _targets in _PLATFORM_TARGETS.items():
 HAS_CUDA_KERNELS = bool(_PLATFORM_TARGETS["CUDA"])
 
 
-def _check_backend():
-    if HAS_CUDA_KERNELS:
-        return
+def _target_platform():
+    """Where the call will run: the default device's platform (what jit compiles for)."""
     default_device = jax.config.jax_default_device
-    platform = getattr(default_device, "platform", None) or jax.default_backend()
-    if platform == "gpu":
+    return getattr(default_device, "platform", None) or jax.default_backend()
+
+
+def _check_platform(dtype):
+    """Trace-time errors for calls the kernels of the target platform cannot run."""
+    if _target_platform() != "gpu":
+        return
+    if not HAS_CUDA_KERNELS:
         raise RuntimeError(
             "jax_flash was built without CUDA kernels, but JAX's default backend is GPU. "
             "Rebuild with nvcc on PATH (JAX_FLASH_CUDA=ON pip install .) or run on CPU."
+        )
+    if jnp.dtype(dtype) == jnp.float32:
+        raise TypeError(
+            "q, k and v are float32, but the jax_flash CUDA kernels take float16 or bfloat16: "
+            "cast them (e.g. q.astype(jnp.bfloat16)); float32 attention runs on the CPU backend"
         )
 
 
 def forward(config: KernelConfig, q, k, v, alibi_slopes):
     """out (like q) and lse (batch, num_heads, seqlen_q) float32; slopes (batch, num_heads)."""
-    _check_backend()
+    _check_platform(q.dtype)
     batch, seqlen_q, num_heads, _ = q.shape
     result_shapes = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -50,9 +60,36 @@ def forward(config: KernelConfig, q, k, v, alibi_slopes):
     return call(q, k, v, alibi_slopes, **config.attributes())
 
 
+def _round_up(nbytes, alignment=256):
+    return -(-nbytes // alignment) * alignment
+
+
+def _cuda_backward_workspace_bytes(q):
+    """Mirrors cuda::backward_workspace_bytes (the handler checks the size it is given):
+    delta (batch, num_heads, seqlen_q) and the dQ accumulator, both float32."""
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    rows = batch * num_heads * seqlen_q
+    return _round_up(rows * 4) + _round_up(rows * head_dim * 4)
+
+
 def backward(config: KernelConfig, q, k, v, out, dout, lse, dlse, alibi_slopes):
     """dq, dk, dv; dk and dv are summed over each group of query heads (GQA)."""
-    _check_backend()
-    result_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-    call = jax.ffi.ffi_call(BACKWARD_TARGET, result_shapes, vmap_method="broadcast_all")
-    return call(q, k, v, out, dout, lse, dlse, alibi_slopes, **config.attributes())
+    _check_platform(q.dtype)
+    grad_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+    attributes = config.attributes()
+
+    def on_cpu(*operands):
+        call = jax.ffi.ffi_call(BACKWARD_TARGET, grad_shapes, vmap_method="broadcast_all")
+        return call(*operands, **attributes)
+
+    def on_cuda(*operands):
+        # The CUDA backward's float32 scratch comes back as an extra result, which XLA
+        # allocates (and reuses) like any other buffer; the caller drops it.
+        workspace = jax.ShapeDtypeStruct((_cuda_backward_workspace_bytes(q),), jnp.uint8)
+        call = jax.ffi.ffi_call(BACKWARD_TARGET, grad_shapes + (workspace,),
+                                vmap_method="broadcast_all")
+        return tuple(call(*operands, **attributes)[:3])
+
+    # Only the branch of the platform being compiled for is lowered.
+    return jax.lax.platform_dependent(q, k, v, out, dout, lse, dlse, alibi_slopes,
+                                      cpu=on_cpu, cuda=on_cuda)

@@ -43,12 +43,18 @@ def kwargs_for(feature, shape):
     return kwargs
 
 
+def exact(fn, *args):
+    """fn on float32 inputs with float32 matmuls (XLA's GPU default would allow TF32)."""
+    with jax.default_matmul_precision("highest"):
+        return fn(*args)
+
+
 def check(shape, feature, dtype, gradients):
     q, k, v = random_qkv(sum(shape), *shape, dtype)
     kwargs = kwargs_for(feature, shape)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     out, lse = flash(q, k, v, return_lse=True, **kwargs)
-    exact_out, exact_lse = reference(*f32, return_lse=True, **kwargs)
+    exact_out, exact_lse = exact(lambda *a: reference(*a, return_lse=True, **kwargs), *f32)
     plain_out, _ = reference(q, k, v, return_lse=True, **kwargs)
     assert_within_twice_plain("out", out, plain_out, exact_out, dtype)
     np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(np.asarray(exact_lse)))
@@ -56,15 +62,24 @@ def check(shape, feature, dtype, gradients):
     np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(exact_lse)[finite], atol=2e-2)
     if not gradients:
         return
-    cot = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
+    rng = np.random.default_rng(1)
+    out_cot = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    lse_cot = jnp.asarray(rng.standard_normal(lse.shape), jnp.float32)
 
     def loss(fn):
-        return lambda q, k, v: jnp.sum(fn(q, k, v, **kwargs).astype(jnp.float32) * cot)
+        # Through out and lse, so the kernels' lse-gradient path is checked as well.
+        def value(q, k, v):
+            out, lse = fn(q, k, v, return_lse=True, **kwargs)
+            lse = jnp.where(jnp.isinf(lse), 0.0, lse)
+            return jnp.sum(out.astype(jnp.float32) * out_cot) + jnp.sum(lse * lse_cot)
 
-    ours = jax.jit(jax.grad(loss(flash), argnums=(0, 1, 2)))(q, k, v)
-    plain = jax.jit(jax.grad(loss(reference), argnums=(0, 1, 2)))(q, k, v)
-    exact = jax.jit(jax.grad(loss(reference), argnums=(0, 1, 2)))(*f32)
-    for name, a, b, c in zip(("dq", "dk", "dv"), ours, plain, exact):
+        return jax.jit(jax.grad(value, argnums=(0, 1, 2)))
+
+    ours = loss(flash)(q, k, v)
+    plain = loss(reference)(q, k, v)
+    exact_grads = exact(loss(reference), *f32)
+    for name, a, b, c in zip(("dq", "dk", "dv"), ours, plain, exact_grads):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
         assert_within_twice_plain(name, a, b, c, dtype)
 
 

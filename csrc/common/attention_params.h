@@ -6,6 +6,14 @@
 
 #include <cstdint>
 
+// The helpers below are shared with the CUDA kernels, which must agree with the CPU code on
+// exactly which keys each query sees.
+#if defined(__CUDACC__)
+#define JAX_FLASH_HOST_DEVICE __host__ __device__
+#else
+#define JAX_FLASH_HOST_DEVICE
+#endif
+
 namespace jax_flash {
 
 enum class ElementType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -53,20 +61,21 @@ struct AttentionParams {
 
   TensorStrides q_strides, k_strides, v_strides, out_strides;
 
-  bool has_window() const { return window_left >= 0 || window_right >= 0; }
-  bool has_alibi() const { return alibi_slopes != nullptr; }
-  int64_t group_size() const { return num_heads / num_heads_kv; }
-  int64_t diagonal_offset() const { return seqlen_k - seqlen_q; }
+  JAX_FLASH_HOST_DEVICE bool has_window() const { return window_left >= 0 || window_right >= 0; }
+  JAX_FLASH_HOST_DEVICE bool has_alibi() const { return alibi_slopes != nullptr; }
+  JAX_FLASH_HOST_DEVICE int64_t group_size() const { return num_heads / num_heads_kv; }
+  JAX_FLASH_HOST_DEVICE int64_t diagonal_offset() const { return seqlen_k - seqlen_q; }
 };
 
 // The half-open key range [first, last) that any query row in [row_begin, row_end) may see.
 struct IndexRange {
   int64_t begin;
   int64_t end;
-  bool empty() const { return end <= begin; }
+  JAX_FLASH_HOST_DEVICE bool empty() const { return end <= begin; }
 };
 
-inline IndexRange visible_keys(const AttentionParams& p, int64_t row_begin, int64_t row_end) {
+JAX_FLASH_HOST_DEVICE inline IndexRange visible_keys(const AttentionParams& p, int64_t row_begin,
+                                                     int64_t row_end) {
   int64_t begin = 0, end = p.seqlen_k;
   const int64_t offset = p.diagonal_offset();
   if (p.window_left >= 0) {
@@ -81,7 +90,8 @@ inline IndexRange visible_keys(const AttentionParams& p, int64_t row_begin, int6
 }
 
 // The query rows that can see any key in [key_begin, key_end).
-inline IndexRange visible_queries(const AttentionParams& p, int64_t key_begin, int64_t key_end) {
+JAX_FLASH_HOST_DEVICE inline IndexRange visible_queries(const AttentionParams& p, int64_t key_begin,
+                                                        int64_t key_end) {
   int64_t begin = 0, end = p.seqlen_q;
   const int64_t offset = p.diagonal_offset();
   if (p.window_right >= 0) {

@@ -1,0 +1,283 @@
+// The one place that picks a kernel for a call: validates what the kernels assume, reads
+// the device's compute capability (once per device), and dispatches on architecture,
+// element type and head-dim class. A Hopper-specific kernel family would slot in as
+// another branch of `architecture_of` below; today every sm80+ GPU runs the sm80 kernels.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <limits>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "cuda/flash_api.h"
+#include "cuda/launch.h"
+
+// CMake defines JAX_FLASH_CUDA_HDIM_<d> for each head-dim class it builds
+// (JAX_FLASH_CUDA_HEAD_DIMS); a build outside CMake gets all of them.
+#if !defined(JAX_FLASH_CUDA_HDIM_32) && !defined(JAX_FLASH_CUDA_HDIM_64) && \
+    !defined(JAX_FLASH_CUDA_HDIM_128) && !defined(JAX_FLASH_CUDA_HDIM_256)
+#define JAX_FLASH_CUDA_HDIM_32 1
+#define JAX_FLASH_CUDA_HDIM_64 1
+#define JAX_FLASH_CUDA_HDIM_128 1
+#define JAX_FLASH_CUDA_HDIM_256 1
+#endif
+
+namespace jax_flash::cuda {
+namespace {
+
+// Head-dim classes compiled into this build, ascending.
+constexpr int kBuiltHeadDims[] = {
+#ifdef JAX_FLASH_CUDA_HDIM_32
+    32,
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_64
+    64,
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_128
+    128,
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_256
+    256,
+#endif
+};
+
+std::string built_head_dims() {
+  std::string list;
+  for (int d : kBuiltHeadDims) list += (list.empty() ? "" : ", ") + std::to_string(d);
+  return list;
+}
+
+struct DeviceInfo {
+  int major = 0, minor = 0;
+  int max_smem_per_block = 0;  // opt-in maximum for dynamic shared memory
+};
+
+// Queried on first use per device, never at import: building the extension must not
+// touch the GPU.
+Status current_device_info(DeviceInfo* info) {
+  int device = 0;
+  if (Status s = Status::FromCuda(cudaGetDevice(&device), "cudaGetDevice"); !s.ok()) return s;
+  static std::mutex mutex;
+  static std::unordered_map<int, DeviceInfo> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = cache.find(device); it != cache.end()) {
+    *info = it->second;
+    return Status::Ok();
+  }
+  DeviceInfo fresh;
+  cudaError_t error = cudaDeviceGetAttribute(&fresh.major, cudaDevAttrComputeCapabilityMajor, device);
+  if (error == cudaSuccess)
+    error = cudaDeviceGetAttribute(&fresh.minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (error == cudaSuccess)
+    error = cudaDeviceGetAttribute(&fresh.max_smem_per_block,
+                                   cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (Status s = Status::FromCuda(error, "querying the device"); !s.ok()) return s;
+  cache.emplace(device, fresh);
+  *info = fresh;
+  return Status::Ok();
+}
+
+enum class Architecture { kSm80 };
+
+Status architecture_of(const DeviceInfo& device, Architecture* architecture) {
+  if (device.major < 8)
+    return Status::Unimplemented(
+        "jax_flash CUDA kernels need compute capability 8.0 or newer (Ampere, Ada, Hopper, "
+        "...); this GPU is sm_" + std::to_string(device.major) + std::to_string(device.minor));
+  *architecture = Architecture::kSm80;  // sm90+ runs the sm80 kernels until Hopper kernels land
+  return Status::Ok();
+}
+
+// Smallest built class that holds head_dim, or 0.
+int head_dim_class(int64_t head_dim) {
+  for (int d : kBuiltHeadDims)
+    if (head_dim <= d) return d;
+  return 0;
+}
+
+constexpr int64_t kMaxSeqlen = int64_t{1} << 29;  // keeps window arithmetic inside int32
+constexpr int64_t kMaxGridYZ = 65535;
+
+// Window sides so wide that they cannot mask anything become unbounded (-1), which is
+// exactly equivalent, keeps indices small, and lets such calls use the unmasked kernels.
+AttentionParams normalized(const AttentionParams& in) {
+  AttentionParams p = in;
+  const int64_t reach = p.seqlen_q + p.seqlen_k;
+  if (p.window_left >= reach) p.window_left = -1;
+  if (p.window_right >= reach) p.window_right = -1;
+  return p;
+}
+
+Status validate(const AttentionParams& p, int* head_dim_class_out) {
+  if (p.element_type == ElementType::kFloat32)
+    return Status::InvalidArgument(
+        "jax_flash CUDA kernels take float16 or bfloat16; cast inputs to jnp.bfloat16 (or "
+        "jnp.float16) before calling, or run float32 attention on the CPU backend");
+  if (p.element_type != ElementType::kFloat16 && p.element_type != ElementType::kBFloat16)
+    return Status::InvalidArgument("jax_flash CUDA: unsupported element type");
+  if (p.head_dim < 1 || p.head_dim > 256)
+    return Status::InvalidArgument("jax_flash CUDA: head_dim must be in [1, 256]");
+  if (p.seqlen_q > kMaxSeqlen || p.seqlen_k > kMaxSeqlen)
+    return Status::Unimplemented("jax_flash CUDA: sequence lengths above 2^29 are not supported");
+  if (p.num_heads > kMaxGridYZ || p.batch > kMaxGridYZ)
+    return Status::Unimplemented("jax_flash CUDA: batch and num_heads must be at most 65535");
+  if (p.num_heads_kv <= 0 || p.num_heads % p.num_heads_kv != 0)
+    return Status::InvalidArgument("jax_flash CUDA: num_heads must be a multiple of num_heads_kv");
+  if (p.batch * p.num_heads * p.seqlen_q / 8 >= std::numeric_limits<int32_t>::max())
+    return Status::Unimplemented("jax_flash CUDA: batch * num_heads * seqlen_q is too large");
+  const int d = head_dim_class(p.head_dim);
+  if (d == 0)
+    return Status::Unimplemented(
+        "jax_flash CUDA: head_dim " + std::to_string(p.head_dim) +
+        " needs a larger head-dim class than this build has (built: " + built_head_dims() +
+        "); rebuild with JAX_FLASH_CUDA_HEAD_DIMS including 256, e.g. "
+        "CMAKE_ARGS=\"-DJAX_FLASH_CUDA_HEAD_DIMS=64;128;256\" pip install .");
+  *head_dim_class_out = d;
+  return Status::Ok();
+}
+
+bool aligned16(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 16 == 0; }
+bool strides_multiple_of_8(const TensorStrides& s) {
+  return s.batch % 8 == 0 && s.row % 8 == 0 && s.head % 8 == 0;
+}
+
+// Whether tiles can move in 16-byte chunks: see LaunchOptions::vectorized.
+bool vectorizable(const AttentionParams& p, bool backward) {
+  bool ok = p.head_dim % 8 == 0 && strides_multiple_of_8(p.q_strides) &&
+            strides_multiple_of_8(p.k_strides) && strides_multiple_of_8(p.v_strides) &&
+            strides_multiple_of_8(p.out_strides) && aligned16(p.q) && aligned16(p.k) &&
+            aligned16(p.v);
+  if (backward)
+    ok = ok && aligned16(p.dout) && aligned16(p.dk) && aligned16(p.dv);
+  else
+    ok = ok && aligned16(p.out);
+  return ok;
+}
+
+Status launch_options(const AttentionParams& p, bool backward, Architecture* architecture,
+                      LaunchOptions* options) {
+  DeviceInfo device;
+  if (Status s = current_device_info(&device); !s.ok()) return s;
+  if (Status s = architecture_of(device, architecture); !s.ok()) return s;
+  options->vectorized = vectorizable(p, backward);
+  options->max_smem_per_block = device.max_smem_per_block;
+  return Status::Ok();
+}
+
+template <typename Element>
+Status forward_sm80(int d, const AttentionParams& p, const LaunchOptions& options,
+                    cudaStream_t stream) {
+  switch (d) {
+#ifdef JAX_FLASH_CUDA_HDIM_32
+    case 32: return launch_forward_sm80<32, Element>(p, options, stream);
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_64
+    case 64: return launch_forward_sm80<64, Element>(p, options, stream);
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_128
+    case 128: return launch_forward_sm80<128, Element>(p, options, stream);
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_256
+    case 256: return launch_forward_sm80<256, Element>(p, options, stream);
+#endif
+    default: return Status::Unimplemented("jax_flash CUDA: no forward kernel for this head_dim");
+  }
+}
+
+template <typename Element>
+Status backward_sm80(int d, const AttentionParams& p, const BackwardWorkspace& workspace,
+                     const LaunchOptions& options, cudaStream_t stream) {
+  switch (d) {
+#ifdef JAX_FLASH_CUDA_HDIM_32
+    case 32: return launch_backward_sm80<32, Element>(p, workspace, options, stream);
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_64
+    case 64: return launch_backward_sm80<64, Element>(p, workspace, options, stream);
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_128
+    case 128: return launch_backward_sm80<128, Element>(p, workspace, options, stream);
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_256
+    case 256: return launch_backward_sm80<256, Element>(p, workspace, options, stream);
+#endif
+    default: return Status::Unimplemented("jax_flash CUDA: no backward kernel for this head_dim");
+  }
+}
+
+// delta and dQ accumulator zeroing, main kernel, dQ conversion, in order on one stream.
+template <typename Element>
+Status backward_all(int d, const AttentionParams& p, const BackwardWorkspace& workspace,
+                    const LaunchOptions& options, cudaStream_t stream) {
+  const bool has_rows = p.seqlen_q > 0;
+  if (has_rows) {
+    if (Status s = launch_backward_preprocess<Element>(p, workspace, stream); !s.ok()) return s;
+  }
+  // Runs even when seqlen_q == 0: it is what writes dK = dV = 0 then.
+  if (p.seqlen_k > 0) {
+    if (Status s = backward_sm80<Element>(d, p, workspace, options, stream); !s.ok()) return s;
+  }
+  if (has_rows) return launch_backward_finish_dq<Element>(p, workspace, stream);
+  return Status::Ok();
+}
+
+size_t round_up(size_t bytes) {
+  return (bytes + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
+}
+
+size_t delta_bytes(const AttentionParams& p) {
+  return round_up(static_cast<size_t>(p.batch * p.num_heads * p.seqlen_q) * sizeof(float));
+}
+
+}  // namespace
+
+Status flash_forward(const AttentionParams& p_in, cudaStream_t stream) {
+  const AttentionParams p = normalized(p_in);
+  int d = 0;
+  if (Status s = validate(p, &d); !s.ok()) return s;
+  if (p.batch == 0 || p.num_heads == 0 || p.seqlen_q == 0) return Status::Ok();
+  Architecture architecture;
+  LaunchOptions options;
+  if (Status s = launch_options(p, /*backward=*/false, &architecture, &options); !s.ok()) return s;
+  switch (architecture) {
+    case Architecture::kSm80:
+      if (p.element_type == ElementType::kFloat16) return forward_sm80<__half>(d, p, options, stream);
+      return forward_sm80<__nv_bfloat16>(d, p, options, stream);
+  }
+  return Status::Unimplemented("jax_flash CUDA: no kernels for this GPU");
+}
+
+size_t backward_workspace_bytes(const AttentionParams& p) {
+  return delta_bytes(p) +
+         round_up(static_cast<size_t>(p.batch * p.num_heads * p.seqlen_q * p.head_dim) *
+                  sizeof(float));
+}
+
+BackwardWorkspace backward_workspace(void* base, const AttentionParams& p) {
+  BackwardWorkspace workspace;
+  workspace.delta = static_cast<float*>(base);
+  workspace.dq_accum = reinterpret_cast<float*>(static_cast<char*>(base) + delta_bytes(p));
+  return workspace;
+}
+
+Status flash_backward(const AttentionParams& p_in, const BackwardWorkspace& workspace,
+                      cudaStream_t stream) {
+  const AttentionParams p = normalized(p_in);
+  int d = 0;
+  if (Status s = validate(p, &d); !s.ok()) return s;
+  if (p.batch == 0 || p.num_heads == 0) return Status::Ok();
+  Architecture architecture;
+  LaunchOptions options;
+  if (Status s = launch_options(p, /*backward=*/true, &architecture, &options); !s.ok()) return s;
+  switch (architecture) {
+    case Architecture::kSm80:
+      if (p.element_type == ElementType::kFloat16)
+        return backward_all<__half>(d, p, workspace, options, stream);
+      return backward_all<__nv_bfloat16>(d, p, workspace, options, stream);
+  }
+  return Status::Unimplemented("jax_flash CUDA: no kernels for this GPU");
+}
+
+}  // namespace jax_flash::cuda

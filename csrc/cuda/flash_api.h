@@ -1,0 +1,33 @@
+// The CUDA kernels as seen from the FFI handlers: plain C++, no XLA types. Every call is
+// asynchronous on `stream` (no allocation, no host synchronization); errors found before
+// or at launch come back as a Status.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+#include "common/attention_params.h"
+#include "cuda/status.h"
+
+namespace jax_flash::cuda {
+
+// Writes p.out and p.lse from p.q, p.k, p.v.
+Status flash_forward(const AttentionParams& p, cudaStream_t stream);
+
+// Device scratch the backward pass needs, carved out of one caller-provided allocation.
+struct BackwardWorkspace {
+  float* delta = nullptr;     // (batch, num_heads, seqlen_q): rowsum(dout * out) - dlse
+  float* dq_accum = nullptr;  // (batch, num_heads, seqlen_q, head_dim): float32 dQ sums
+};
+
+// Bytes (and alignment) of the single allocation that backward_workspace() splits.
+size_t backward_workspace_bytes(const AttentionParams& p);
+constexpr size_t kWorkspaceAlignment = 256;
+BackwardWorkspace backward_workspace(void* base, const AttentionParams& p);
+
+// Writes p.dq, p.dk, p.dv; dk and dv are summed over each GQA group.
+Status flash_backward(const AttentionParams& p, const BackwardWorkspace& workspace,
+                      cudaStream_t stream);
+
+}  // namespace jax_flash::cuda

@@ -1,0 +1,243 @@
+// FlashAttention-2 forward for sm80+: one CTA per (query block, head, batch) sweeps the
+// key blocks its rows can see, with the online softmax in registers.
+//
+// Per key block: S = Q Kᵀ on tensor cores (Q and K via ldmatrix from swizzled shared
+// tiles), optional softcap / ALiBi / mask, running max and sum update, P = exp2(...) packed
+// to 16 bits in registers, O += P V. K and V tiles are double buffered: the cp.async copy
+// of block j+1 runs while block j is being computed.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/attention_params.h"
+#include "cuda/element.cuh"
+#include "cuda/fragments.cuh"
+#include "cuda/flash_api.h"
+#include "cuda/ptx.cuh"
+#include "cuda/scores.cuh"
+#include "cuda/smem_tile.cuh"
+#include "cuda/warp_mma.cuh"
+
+namespace jax_flash::cuda {
+
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_>
+struct ForwardTiles {
+  static constexpr int kHeadDim = kHeadDim_;  // head_dim class; smaller head dims are zero padded
+  static constexpr int kBlockM = kBlockM_;    // query rows per CTA
+  static constexpr int kBlockN = kBlockN_;    // keys per pipeline step
+  static constexpr int kWarps = kWarps_;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kMTiles = kBlockM / (16 * kWarps);  // 16-row mma tiles per warp
+  static constexpr int kNTiles = kBlockN / 8;              // 8-key column tiles of S
+  static constexpr int kDTiles = kHeadDim / 8;             // 8-column tiles of O
+  static constexpr int kStages = 2;
+  using QTile = SwizzledTile<kBlockM, kHeadDim>;
+  using KVTile = SwizzledTile<kBlockN, kHeadDim>;
+  static constexpr int kSmemBytes = QTile::kBytes + kStages * 2 * KVTile::kBytes;
+  // 4-warp CTAs leave room for two per SM (registers cap at 255 either way).
+  static constexpr int kMinBlocksPerSm = kWarps == 4 ? 2 : 1;
+  static_assert(kMTiles >= 1 && kBlockM % (16 * kWarps) == 0, "whole mma tiles per warp");
+  static_assert(kBlockN % 16 == 0, "P V steps over 16 keys");
+};
+
+// Tile shapes per head-dim class. Warps own 32 query rows where registers allow (each K/V
+// fragment read from shared memory feeds two mmas); head dim 256 needs 16 rows per warp to
+// fit O in registers. Shared memory: 24 KB, 48 KB, 96 KB, 128 KB, so that two 4-warp CTAs
+// fit on an H100 SM (registers allow no more).
+template <int kHeadDimClass> struct ForwardConfig;
+template <> struct ForwardConfig<32> : ForwardTiles<32, 128, 64, 4> {};
+template <> struct ForwardConfig<64> : ForwardTiles<64, 128, 64, 4> {};
+template <> struct ForwardConfig<128> : ForwardTiles<128, 128, 64, 4> {};
+template <> struct ForwardConfig<256> : ForwardTiles<256, 128, 32, 8> {};
+
+template <class Config, typename Element, bool kHasWindow>
+__global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
+    forward_kernel_sm80(const __grid_constant__ AttentionParams p, const bool vectorized) {
+  using QTile = typename Config::QTile;
+  using KVTile = typename Config::KVTile;
+  constexpr int kBlockM = Config::kBlockM, kBlockN = Config::kBlockN;
+  constexpr int kMTiles = Config::kMTiles, kNTiles = Config::kNTiles, kDTiles = Config::kDTiles;
+  constexpr bool kBF16 = ElementTraits<Element>::kIsBFloat16;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  Element* q_smem = reinterpret_cast<Element*>(smem);
+  Element* kv_smem = q_smem + QTile::kElements;  // stage s: K at 2s, V at 2s+1
+  auto k_smem = [&](int stage) { return kv_smem + (2 * stage) * KVTile::kElements; };
+  auto v_smem = [&](int stage) { return kv_smem + (2 * stage + 1) * KVTile::kElements; };
+
+  const int thread = threadIdx.x, lane = thread & 31, warp = thread >> 5;
+  // Launch the longest query blocks first: with a causal mask those are the last ones.
+  const int m_block = gridDim.x - 1 - blockIdx.x;
+  const int head = blockIdx.y, batch = blockIdx.z;
+  const int head_kv = head / static_cast<int>(p.num_heads / p.num_heads_kv);
+  const int seqlen_q = static_cast<int>(p.seqlen_q), head_dim = static_cast<int>(p.head_dim);
+  const int row0 = m_block * kBlockM;
+  const int valid_rows = min(kBlockM, seqlen_q - row0);
+
+  Element* out = static_cast<Element*>(p.out) + batch * p.out_strides.batch +
+                 row0 * p.out_strides.row + head * p.out_strides.head;
+  float* lse = p.lse + (batch * p.num_heads + head) * p.seqlen_q + row0;
+
+  const IndexRange keys = visible_keys(p, row0, row0 + valid_rows);
+  if (keys.empty()) {  // every row of this block is fully masked: out = 0, lse = +inf
+    for (int i = thread; i < valid_rows * head_dim; i += Config::kThreads)
+      out[(i / head_dim) * p.out_strides.row + i % head_dim] = ElementTraits<Element>::from_float(0.0f);
+    for (int i = thread; i < valid_rows; i += Config::kThreads) lse[i] = INFINITY;
+    return;
+  }
+  const int key_begin = static_cast<int>(keys.begin);
+  const int num_key_blocks = (static_cast<int>(keys.end) - key_begin + kBlockN - 1) / kBlockN;
+  const int seqlen_k = static_cast<int>(p.seqlen_k);
+
+  const Element* q = static_cast<const Element*>(p.q) + batch * p.q_strides.batch +
+                     row0 * p.q_strides.row + head * p.q_strides.head;
+  const Element* k = static_cast<const Element*>(p.k) + batch * p.k_strides.batch +
+                     head_kv * p.k_strides.head;
+  const Element* v = static_cast<const Element*>(p.v) + batch * p.v_strides.batch +
+                     head_kv * p.v_strides.head;
+  auto load_kv = [&](int block, int stage) {
+    const int key0 = key_begin + block * kBlockN;
+    const int rows = min(kBlockN, seqlen_k - key0);
+    load_tile<KVTile, Config::kThreads>(k_smem(stage), k + key0 * p.k_strides.row, p.k_strides.row,
+                                        rows, head_dim, vectorized, thread);
+    load_tile<KVTile, Config::kThreads>(v_smem(stage), v + key0 * p.v_strides.row, p.v_strides.row,
+                                        rows, head_dim, vectorized, thread);
+  };
+
+  load_tile<QTile, Config::kThreads>(q_smem, q, p.q_strides.row, valid_rows, head_dim, vectorized,
+                                     thread);
+  load_kv(0, 0);
+  cp_async_commit();
+
+  const ScoreTransform transform = ScoreTransform::make(p, batch, head);
+  const KeyWindow window = KeyWindow::make(p);
+  const int warp_row0 = warp * 16 * kMTiles;  // this warp's first row within the block
+  const uint32_t q_base = shared_address(q_smem);
+
+  float acc_o[kMTiles][kDTiles][4];
+  zero(acc_o);
+  // Running max (in score units) and this lane's partial row sum, for rows g and g + 8 of
+  // each m-tile; partial sums are reduced across the quad only once, at the end.
+  float row_max[kMTiles][2], row_sum[kMTiles][2];
+#pragma unroll
+  for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row_max[i][h] = -INFINITY, row_sum[i][h] = 0.0f;
+
+  for (int block = 0; block < num_key_blocks; ++block) {
+    const int stage = block & 1;
+    const int key0 = key_begin + block * kBlockN;
+    // Block `block` has landed, and every warp is done with block - 1, whose stage the
+    // next copy overwrites.
+    cp_async_wait<0>();
+    __syncthreads();
+    if (block + 1 < num_key_blocks) load_kv(block + 1, stage ^ 1);
+    cp_async_commit();
+
+    float acc_s[kMTiles][kNTiles][4];
+    zero(acc_s);
+    warp_gemm<kMTiles, kNTiles, Config::kHeadDim, QTile, KOrder::kContiguous, KVTile,
+              KOrder::kContiguous, kBF16>(acc_s, q_base, warp_row0,
+                                          shared_address(k_smem(stage)), 0, lane);
+
+    const int query0 = row0 + warp_row0;
+    if (!transform.plain) {
+      for_each_element(acc_s, lane, [&](float& s, int r, int c) {
+        float unused;
+        s = transform.apply(s, query0 + r, key0 + c, window.diagonal_offset, &unused);
+      });
+    }
+    if (window.tile_needs_mask<kHasWindow>(row0, row0 + valid_rows, key0, key0 + kBlockN)) {
+      for_each_element(acc_s, lane, [&](float& s, int r, int c) {
+        if (!window.visible<kHasWindow>(query0 + r, key0 + c)) s = -INFINITY;
+      });
+    }
+
+    // Online softmax. A row that has seen only masked keys keeps max = -inf; using 0 as
+    // its reference keeps exp2(-inf - ref) = 0 instead of NaN.
+#pragma unroll
+    for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float block_max = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j)
+          block_max = fmaxf(block_max, fmaxf(acc_s[i][j][2 * h], acc_s[i][j][2 * h + 1]));
+        block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
+        block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
+        const float new_max = fmaxf(row_max[i][h], block_max);
+        const float reference = new_max == -INFINITY ? 0.0f : new_max * transform.exp_scale;
+        const float correction = fast_exp2(row_max[i][h] * transform.exp_scale - reference);
+        row_max[i][h] = new_max;
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+          for (int c = 2 * h; c < 2 * h + 2; ++c) {
+            const float prob = fast_exp2(fmaf(acc_s[i][j][c], transform.exp_scale, -reference));
+            acc_s[i][j][c] = prob;
+            sum += prob;
+          }
+        row_sum[i][h] = row_sum[i][h] * correction + sum;
+#pragma unroll
+        for (int j = 0; j < kDTiles; ++j) {
+          acc_o[i][j][2 * h] *= correction;
+          acc_o[i][j][2 * h + 1] *= correction;
+        }
+      }
+
+    // O += P V. The S accumulator layout of two adjacent 8-key tiles is exactly the A
+    // fragment of a 16-key step, so P never leaves registers.
+    const uint32_t v_base = shared_address(v_smem(stage));
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int i = 0; i < kMTiles; ++i) {
+        a[i][0] = ElementTraits<Element>::pack(acc_s[i][2 * kk][0], acc_s[i][2 * kk][1]);
+        a[i][1] = ElementTraits<Element>::pack(acc_s[i][2 * kk][2], acc_s[i][2 * kk][3]);
+        a[i][2] = ElementTraits<Element>::pack(acc_s[i][2 * kk + 1][0], acc_s[i][2 * kk + 1][1]);
+        a[i][3] = ElementTraits<Element>::pack(acc_s[i][2 * kk + 1][2], acc_s[i][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int j = 0; j < kDTiles; j += 2) {
+        uint32_t b[4];
+        load_b_fragments<KVTile, KOrder::kStrided>(b, v_base, 8 * j, 16 * kk, lane);
+#pragma unroll
+        for (int i = 0; i < kMTiles; ++i) {
+          mma_16816<kBF16>(acc_o[i][j], a[i], b[0], b[1]);
+          mma_16816<kBF16>(acc_o[i][j + 1], a[i], b[2], b[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();  // nothing is in flight, but leave no copy outstanding at exit
+
+  // Normalize, write lse (natural log; +inf for rows that saw no key) and O.
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float sum = row_sum[i][h];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const bool empty = !(sum > 0.0f);
+      const float inv_sum = empty ? 0.0f : 1.0f / sum;
+#pragma unroll
+      for (int j = 0; j < kDTiles; ++j) {
+        acc_o[i][j][2 * h] *= inv_sum;
+        acc_o[i][j][2 * h + 1] *= inv_sum;
+      }
+      const int row = warp_row0 + 16 * i + g + 8 * h;
+      if (t == 0 && row < valid_rows)
+        lse[row] = empty ? INFINITY : row_max[i][h] * transform.exp_scale * kLn2 + logf(sum);
+    }
+  store_tile<Element>(acc_o, out + warp_row0 * p.out_strides.row, p.out_strides.row,
+                      valid_rows - warp_row0, head_dim, vectorized, lane);
+}
+
+}  // namespace jax_flash::cuda

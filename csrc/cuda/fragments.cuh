@@ -1,0 +1,54 @@
+// Walking and storing mma accumulator fragments (see warp_mma.cuh for the layout).
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/element.cuh"
+
+namespace jax_flash::cuda {
+
+// Calls f(value, row, col) for every accumulator element of this lane, with row and col
+// relative to the origin of the warp tile.
+template <int kMTiles, int kNTiles, class F>
+__device__ __forceinline__ void for_each_element(float (&acc)[kMTiles][kNTiles][4], int lane,
+                                                 F&& f) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) f(acc[i][j][c], 16 * i + g + 8 * (c >> 1), 8 * j + 2 * t + (c & 1));
+}
+
+// Stores a warp tile of accumulators to global memory as Element, where `gmem` is the
+// element at the tile origin. Rows >= valid_rows and columns >= valid_cols are skipped.
+// `vectorized`: rows are 4-byte aligned and valid_cols is even, so pairs go out as one word.
+template <typename Element, int kMTiles, int kNTiles>
+__device__ __forceinline__ void store_tile(const float (&acc)[kMTiles][kNTiles][4], Element* gmem,
+                                           int64_t row_stride, int valid_rows, int valid_cols,
+                                           bool vectorized, int lane) {
+  using Traits = ElementTraits<Element>;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = 16 * i + g + 8 * h;
+      if (row >= valid_rows) continue;
+      Element* dst = gmem + row * row_stride;
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j) {
+        const int col = 8 * j + 2 * t;
+        const float lo = acc[i][j][2 * h], hi = acc[i][j][2 * h + 1];
+        if (vectorized) {
+          if (col < valid_cols) *reinterpret_cast<uint32_t*>(dst + col) = Traits::pack(lo, hi);
+        } else {
+          if (col < valid_cols) dst[col] = Traits::from_float(lo);
+          if (col + 1 < valid_cols) dst[col + 1] = Traits::from_float(hi);
+        }
+      }
+    }
+}
+
+}  // namespace jax_flash::cuda

@@ -1,0 +1,39 @@
+// Launchers of the sm80 kernels, one instantiation per (head-dim class, element type) in
+// csrc/cuda/instantiations/ so that each compiles as its own translation unit. Only
+// dispatch.cu calls these; it has already validated the call.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include "common/attention_params.h"
+#include "cuda/flash_api.h"
+#include "cuda/status.h"
+
+namespace jax_flash::cuda {
+
+// Facts about one call that the launchers need and that dispatch computes once.
+struct LaunchOptions {
+  // Every row of q, k, v, out, dout (and dq, dk, dv) starts 16-byte aligned and head_dim is
+  // a multiple of 8: tiles move in 16-byte cp.async chunks. Otherwise element by element.
+  bool vectorized = true;
+  int max_smem_per_block = 0;  // cudaDevAttrMaxSharedMemoryPerBlockOptin of the device
+};
+
+template <int kHeadDimClass, typename Element>
+Status launch_forward_sm80(const AttentionParams& p, const LaunchOptions& options,
+                           cudaStream_t stream);
+
+// The main backward kernel only: dq_accum must hold zeros and delta must be computed.
+template <int kHeadDimClass, typename Element>
+Status launch_backward_sm80(const AttentionParams& p, const BackwardWorkspace& workspace,
+                            const LaunchOptions& options, cudaStream_t stream);
+
+// Backward pre- and post-processing (head-dim independent), in backward_aux.cu.
+template <typename Element>
+Status launch_backward_preprocess(const AttentionParams& p, const BackwardWorkspace& workspace,
+                                  cudaStream_t stream);
+template <typename Element>
+Status launch_backward_finish_dq(const AttentionParams& p, const BackwardWorkspace& workspace,
+                                 cudaStream_t stream);
+
+}  // namespace jax_flash::cuda

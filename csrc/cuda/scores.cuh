@@ -1,0 +1,96 @@
+// From raw dot products q·k in mma accumulators to the scores the softmax sees: softmax
+// scale, softcap, ALiBi and the window mask, with exactly the semantics of the CPU
+// reference (csrc/cpu/tile.h finish_scores).
+//
+// To keep the common case cheap, scores are kept in "score units" chosen per call:
+//   plain (no softcap, no ALiBi, scale > 0): score = q·k, and exp_scale = scale * log2(e);
+//   otherwise: score = softcap * tanh(q·k * scale / softcap) (or q·k * scale) - ALiBi bias,
+//              and exp_scale = log2(e).
+// Either way exp(true score - x) = exp2(score * exp_scale - x * log2(e)), so the softmax
+// needs a single FFMA + EX2 per element and only the non-plain path pays for the rest.
+#pragma once
+
+#include <cstdint>
+
+#include "common/attention_params.h"
+
+namespace jax_flash::cuda {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct ScoreTransform {
+  bool plain;
+  float exp_scale;
+  float scale;        // softmax_scale
+  float softcap;      // 0 when off
+  float tanh_scale;   // softmax_scale / softcap
+  float alibi_slope;  // 0 when off
+
+  __device__ __forceinline__ static ScoreTransform make(const AttentionParams& p, int64_t batch,
+                                                        int64_t head) {
+    ScoreTransform t;
+    t.softcap = p.softcap > 0.0f ? p.softcap : 0.0f;
+    t.alibi_slope = p.alibi_slopes != nullptr ? p.alibi_slopes[batch * p.num_heads + head] : 0.0f;
+    t.plain = t.softcap == 0.0f && p.alibi_slopes == nullptr && p.softmax_scale > 0.0f;
+    t.scale = p.softmax_scale;
+    t.exp_scale = t.plain ? p.softmax_scale * kLog2e : kLog2e;
+    t.tanh_scale = t.softcap > 0.0f ? p.softmax_scale / t.softcap : 0.0f;
+    return t;
+  }
+
+  // Non-plain path only. Returns the score; *tanh_out receives tanh(...) (0 without softcap)
+  // for the softcap derivative in the backward pass.
+  __device__ __forceinline__ float apply(float dot, int query, int key, int diagonal_offset,
+                                         float* tanh_out) const {
+    float score;
+    if (softcap > 0.0f) {
+      const float t = tanhf(dot * tanh_scale);
+      *tanh_out = t;
+      score = softcap * t;
+    } else {
+      *tanh_out = 0.0f;
+      score = dot * scale;
+    }
+    const int distance = query + diagonal_offset - key;
+    return score - alibi_slope * static_cast<float>(distance < 0 ? -distance : distance);
+  }
+};
+
+// The window of the call in 32-bit indices (the launcher checks sequence lengths fit).
+struct KeyWindow {
+  int seqlen_k;
+  int diagonal_offset;  // seqlen_k - seqlen_q
+  int left;             // -1: unbounded
+  int right;            // -1: unbounded
+
+  __device__ __forceinline__ static KeyWindow make(const AttentionParams& p) {
+    return {static_cast<int>(p.seqlen_k), static_cast<int>(p.diagonal_offset()),
+            static_cast<int>(p.window_left), static_cast<int>(p.window_right)};
+  }
+
+  template <bool kHasWindow>
+  __device__ __forceinline__ bool visible(int query, int key) const {
+    if (key >= seqlen_k) return false;
+    if constexpr (kHasWindow) {
+      const int diagonal = query + diagonal_offset;
+      if (left >= 0 && key < diagonal - left) return false;
+      if (right >= 0 && key > diagonal + right) return false;
+    }
+    return true;
+  }
+
+  // Whether some (query, key) of the queries [q0, q1) and keys [k0, k1) is not visible:
+  // only such boundary tiles pay for per-element masking.
+  template <bool kHasWindow>
+  __device__ __forceinline__ bool tile_needs_mask(int q0, int q1, int k0, int k1) const {
+    if (k1 > seqlen_k) return true;
+    if constexpr (kHasWindow) {
+      if (left >= 0 && k0 < q1 - 1 + diagonal_offset - left) return true;
+      if (right >= 0 && k1 - 1 > q0 + diagonal_offset + right) return true;
+    }
+    return false;
+  }
+};
+
+}  // namespace jax_flash::cuda

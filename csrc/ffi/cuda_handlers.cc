@@ -1,0 +1,127 @@
+#include "ffi/cuda_handlers.h"
+
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+#include "cuda/flash_api.h"
+#include "ffi/decode_params.h"
+#include "ffi/poison.h"
+
+namespace jax_flash::ffi_glue {
+namespace {
+
+ffi::Error to_ffi_error(const cuda::Status& status) {
+  switch (status.code()) {
+    case cuda::Status::Code::kOk: return ffi::Error::Success();
+    case cuda::Status::Code::kInvalidArgument:
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, status.message());
+    case cuda::Status::Code::kUnimplemented:
+      return ffi::Error(ffi::ErrorCode::kUnimplemented, status.message());
+    case cuda::Status::Code::kInternal: break;
+  }
+  return ffi::Error(ffi::ErrorCode::kInternal, status.message());
+}
+
+// Enqueued on the kernels' stream, so the fill lands before the kernels write.
+template <typename... Buffers>
+ffi::Error poison_if_requested(cudaStream_t stream, const Buffers&... buffers) {
+  if (!poison_outputs_requested()) return ffi::Error::Success();
+  cudaError_t error = cudaSuccess;
+  ((error = error != cudaSuccess ? error
+                                 : cudaMemsetAsync(buffers.untyped_data(), kPoisonByte,
+                                                   buffers.size_bytes(), stream)),
+   ...);
+  if (error == cudaSuccess) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kInternal,
+                    std::string("jax_flash CUDA: poisoning outputs: ") + cudaGetErrorString(error));
+}
+
+ffi::Error forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                        ffi::Buffer<ffi::F32> alibi_slopes, ffi::Result<ffi::AnyBuffer> out,
+                        ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
+                        float softcap, int64_t window_left, int64_t window_right,
+                        bool has_alibi) {
+  AttentionParams p;
+  const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right, has_alibi};
+  if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, &p); e.failure()) return e;
+  if (!same_dims(q, *out) || out->element_type() != q.element_type() || !is_lse_shape(p, *lse))
+    return invalid("forward results must be out (like q) and lse (batch, num_heads, seqlen_q)");
+  p.out = out->untyped_data();
+  p.lse = lse->typed_data();
+  if (auto e = poison_if_requested(stream, *out, *lse); e.failure()) return e;
+  return to_ffi_error(cuda::flash_forward(p, stream));
+}
+
+ffi::Error backward_cuda(cudaStream_t stream, ffi::AnyBuffer q,
+                         ffi::AnyBuffer k, ffi::AnyBuffer v, ffi::AnyBuffer out,
+                         ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
+                         ffi::Buffer<ffi::F32> dlse, ffi::Buffer<ffi::F32> alibi_slopes,
+                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
+                         ffi::Result<ffi::AnyBuffer> dv,
+                         ffi::Result<ffi::Buffer<ffi::U8>> workspace_buffer, float softmax_scale,
+                         float softcap,
+                         int64_t window_left, int64_t window_right, bool has_alibi) {
+  AttentionParams p;
+  const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right, has_alibi};
+  if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, &p); e.failure()) return e;
+  if (auto e = decode_backward_operands(q, out, dout, lse, dlse, &p); e.failure()) return e;
+  if (!same_dims(q, *dq) || !same_dims(k, *dk) || !same_dims(v, *dv) ||
+      dq->element_type() != q.element_type() || dk->element_type() != q.element_type() ||
+      dv->element_type() != q.element_type())
+    return invalid("gradients must match q, k and v in shape and dtype");
+  p.dq = dq->untyped_data();
+  p.dk = dk->untyped_data();
+  p.dv = dv->untyped_data();
+  if (auto e = poison_if_requested(stream, *dq, *dk, *dv); e.failure()) return e;
+
+  // The workspace is an extra result, so XLA's own allocator plans it like any buffer.
+  const size_t needed = cuda::backward_workspace_bytes(p);
+  if (workspace_buffer->size_bytes() < needed)
+    return invalid("backward workspace has " + std::to_string(workspace_buffer->size_bytes()) +
+                   " bytes; this call needs " + std::to_string(needed));
+  const cuda::BackwardWorkspace workspace =
+      cuda::backward_workspace(workspace_buffer->untyped_data(), p);
+  return to_ffi_error(cuda::flash_backward(p, workspace, stream));
+}
+
+}  // namespace
+}  // namespace jax_flash::ffi_glue
+
+namespace ffi = xla::ffi;
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashForwardCuda, jax_flash::ffi_glue::forward_cuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // alibi_slopes
+                                  .Ret<ffi::AnyBuffer>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("window_right")
+                                  .Attr<bool>("has_alibi"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBackwardCuda, jax_flash::ffi_glue::backward_cuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()  // q
+                                  .Arg<ffi::AnyBuffer>()  // k
+                                  .Arg<ffi::AnyBuffer>()  // v
+                                  .Arg<ffi::AnyBuffer>()  // out
+                                  .Arg<ffi::AnyBuffer>()  // dout
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dlse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // alibi_slopes
+                                  .Ret<ffi::AnyBuffer>()  // dq
+                                  .Ret<ffi::AnyBuffer>()  // dk
+                                  .Ret<ffi::AnyBuffer>()  // dv
+                                  .Ret<ffi::Buffer<ffi::U8>>()  // workspace
+                                  .Attr<float>("softmax_scale")
+                                  .Attr<float>("softcap")
+                                  .Attr<int64_t>("window_left")
+                                  .Attr<int64_t>("window_right")
+                                  .Attr<bool>("has_alibi"));

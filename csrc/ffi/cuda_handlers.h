@@ -1,0 +1,8 @@
+#pragma once
+
+#include "xla/ffi/api/ffi.h"
+
+// Typed FFI handlers for platform "CUDA"; defined in cuda_handlers.cc. Same operands and
+// attributes as the CPU handlers; the context is the CUDA stream and a scratch allocator.
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFlashForwardCuda);
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFlashBackwardCuda);
