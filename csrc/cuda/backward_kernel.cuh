@@ -253,13 +253,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     zero(acc_dq);
     warp_gemm<Config::kMTilesC, Config::kNTilesC, kBlockN, PTile, KOrder::kStrided, KVTile,
               KOrder::kStrided, kBF16>(acc_dq, ds_base, query0_c, k_base, col0_c, lane);
-    float* dq_accum = workspace.dq_accum +
-                      ((batch * p.num_heads + head) * p.seqlen_q + query0 + query0_c) * p.head_dim +
-                      col0_c;
-    const int dq_rows = seqlen_q - query0 - query0_c, dq_cols = head_dim - col0_c;
-    for_each_element(acc_dq, lane, [&](float& value, int r, int c) {
-      if (r < dq_rows && c < dq_cols) atomicAdd(dq_accum + r * p.head_dim + c, value);
-    });
+    // 32-bit offsets within one (batch, head): the launcher checks seqlen_q * head_dim fits.
+    float* dq_accum = workspace.dq_accum + (batch * p.num_heads + head) * p.seqlen_q * p.head_dim +
+                      (query0 + query0_c) * head_dim + col0_c;
+    atomic_add_tile(acc_dq, dq_accum, head_dim, seqlen_q - query0 - query0_c, head_dim - col0_c,
+                    head_dim % 2 == 0, lane);
   }
   cp_async_wait<0>();
 

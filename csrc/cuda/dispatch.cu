@@ -126,6 +126,8 @@ Status validate(const AttentionParams& p, int* head_dim_class_out) {
     return Status::Unimplemented("jax_flash CUDA: batch and num_heads must be at most 65535");
   if (p.num_heads_kv <= 0 || p.num_heads % p.num_heads_kv != 0)
     return Status::InvalidArgument("jax_flash CUDA: num_heads must be a multiple of num_heads_kv");
+  if (p.seqlen_q * p.head_dim > std::numeric_limits<int32_t>::max())
+    return Status::Unimplemented("jax_flash CUDA: seqlen_q * head_dim must be below 2^31");
   if (p.batch * p.num_heads * p.seqlen_q / 8 >= std::numeric_limits<int32_t>::max())
     return Status::Unimplemented("jax_flash CUDA: batch * num_heads * seqlen_q is too large");
   const int d = head_dim_class(p.head_dim);

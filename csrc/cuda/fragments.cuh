@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "cuda/element.cuh"
+#include "cuda/ptx.cuh"
 
 namespace jax_flash::cuda {
 
@@ -46,6 +47,37 @@ __device__ __forceinline__ void store_tile(const float (&acc)[kMTiles][kNTiles][
         } else {
           if (col < valid_cols) dst[col] = Traits::from_float(lo);
           if (col + 1 < valid_cols) dst[col + 1] = Traits::from_float(hi);
+        }
+      }
+    }
+}
+
+// Atomically adds a warp tile of accumulators into a float32 matrix whose element at the
+// tile origin is `gmem` (row stride `ld`). Rows >= valid_rows and columns >= valid_cols
+// are skipped. A tile that lies wholly inside (the common case) takes a branch-free path
+// of paired reductions; `pairs_aligned` says that ld and the origin are even, which the
+// pairs need.
+template <int kMTiles, int kNTiles>
+__device__ __forceinline__ void atomic_add_tile(const float (&acc)[kMTiles][kNTiles][4],
+                                                float* gmem, int ld, int valid_rows,
+                                                int valid_cols, bool pairs_aligned, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const bool whole = pairs_aligned && valid_rows >= 16 * kMTiles && valid_cols >= 8 * kNTiles;
+#pragma unroll
+  for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = 16 * i + g + 8 * h;
+      float* dst = gmem + row * ld + 2 * t;
+      if (whole) {
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j) atomic_add_pair(dst + 8 * j, acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+      } else if (row < valid_rows) {
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j) {
+          const int col = 8 * j + 2 * t;
+          if (col < valid_cols) atomicAdd(dst + 8 * j, acc[i][j][2 * h]);
+          if (col + 1 < valid_cols) atomicAdd(dst + 8 * j + 1, acc[i][j][2 * h + 1]);
         }
       }
     }

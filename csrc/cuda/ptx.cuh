@@ -66,6 +66,18 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
   }
 }
 
+// *address += {lo, hi} (8-byte aligned), as one vector reduction where the GPU has it
+// (sm90+): the backward's dQ accumulation issues half as many atomics.
+__device__ __forceinline__ void atomic_add_pair(float* address, float lo, float hi) {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(address), "f"(lo), "f"(hi)
+               : "memory");
+#else
+  atomicAdd(address, lo);
+  atomicAdd(address + 1, hi);
+#endif
+}
+
 // Keeps the compiler from reasoning about the bits of x: it would otherwise merge the
 // adds below into ORs and other forms that ldmatrix's [register + immediate] addressing
 // cannot absorb, and spend a register on every address.
