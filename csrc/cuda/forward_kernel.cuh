@@ -3,8 +3,12 @@
 //
 // Per key block: S = Q Kᵀ on tensor cores (Q and K via ldmatrix from swizzled shared
 // tiles), optional softcap / ALiBi / mask, running max and sum update, P = exp2(...) packed
-// to 16 bits in registers, O += P V. K and V tiles are double buffered: the cp.async copy
-// of block j+1 runs while block j is being computed.
+// to 16 bits in registers, O += P V. Two copy pipelines, chosen per head-dim class:
+//   kStages = 2: K and V double buffered; the copy of block j+1 runs while block j is
+//                computed (one barrier per block).
+//   kStages = 1: one K and one V buffer, staggered; V_j is copied during S = Q K_jᵀ and the
+//                softmax, K_{j+1} during O += P V_j (two barriers per block, half the shared
+//                memory), which lets large head dims take twice as many keys per step.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -23,7 +27,7 @@
 
 namespace jax_flash::cuda {
 
-template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_>
+template <int kHeadDim_, int kBlockM_, int kBlockN_, int kWarps_, int kStages_>
 struct ForwardTiles {
   static constexpr int kHeadDim = kHeadDim_;  // head_dim class; smaller head dims are zero padded
   static constexpr int kBlockM = kBlockM_;    // query rows per CTA
@@ -33,7 +37,7 @@ struct ForwardTiles {
   static constexpr int kMTiles = kBlockM / (16 * kWarps);  // 16-row mma tiles per warp
   static constexpr int kNTiles = kBlockN / 8;              // 8-key column tiles of S
   static constexpr int kDTiles = kHeadDim / 8;             // 8-column tiles of O
-  static constexpr int kStages = 2;
+  static constexpr int kStages = kStages_;
   using QTile = SwizzledTile<kBlockM, kHeadDim>;
   using KVTile = SwizzledTile<kBlockN, kHeadDim>;
   static constexpr int kSmemBytes = QTile::kBytes + kStages * 2 * KVTile::kBytes;
@@ -41,17 +45,18 @@ struct ForwardTiles {
   static constexpr int kMinBlocksPerSm = kWarps == 4 ? 2 : 1;
   static_assert(kMTiles >= 1 && kBlockM % (16 * kWarps) == 0, "whole mma tiles per warp");
   static_assert(kBlockN % 16 == 0, "P V steps over 16 keys");
+  static_assert(kStages == 1 || kStages == 2, "staggered or double-buffered K/V");
 };
 
 // Tile shapes per head-dim class. Warps own 32 query rows where registers allow (each K/V
 // fragment read from shared memory feeds two mmas); head dim 256 needs 16 rows per warp to
-// fit O in registers. Shared memory: 24 KB, 48 KB, 96 KB, 128 KB, so that two 4-warp CTAs
-// fit on an H100 SM (registers allow no more).
+// fit O in registers, and takes 64 keys per step with the staggered pipeline. Shared
+// memory: 24 KB, 48 KB, 96 KB, 128 KB; registers allow two 4-warp CTAs per SM.
 template <int kHeadDimClass> struct ForwardConfig;
-template <> struct ForwardConfig<32> : ForwardTiles<32, 128, 64, 4> {};
-template <> struct ForwardConfig<64> : ForwardTiles<64, 128, 64, 4> {};
-template <> struct ForwardConfig<128> : ForwardTiles<128, 128, 64, 4> {};
-template <> struct ForwardConfig<256> : ForwardTiles<256, 128, 32, 8> {};
+template <> struct ForwardConfig<32> : ForwardTiles<32, 128, 64, 4, 2> {};
+template <> struct ForwardConfig<64> : ForwardTiles<64, 128, 64, 4, 2> {};
+template <> struct ForwardConfig<128> : ForwardTiles<128, 128, 64, 4, 2> {};
+template <> struct ForwardConfig<256> : ForwardTiles<256, 128, 64, 8, 1> {};
 
 template <class Config, typename Element, bool kHasWindow>
 __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
@@ -98,18 +103,28 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
                      head_kv * p.k_strides.head;
   const Element* v = static_cast<const Element*>(p.v) + batch * p.v_strides.batch +
                      head_kv * p.v_strides.head;
-  auto load_kv = [&](int block, int stage) {
+  auto load_k = [&](int block, int stage) {
     const int key0 = key_begin + block * kBlockN;
-    const int rows = min(kBlockN, seqlen_k - key0);
     load_tile<KVTile, Config::kThreads>(k_smem(stage), k + key0 * p.k_strides.row, p.k_strides.row,
-                                        rows, head_dim, vectorized, thread);
+                                        min(kBlockN, seqlen_k - key0), head_dim, vectorized, thread);
+  };
+  auto load_v = [&](int block, int stage = 0) {
+    const int key0 = key_begin + block * kBlockN;
     load_tile<KVTile, Config::kThreads>(v_smem(stage), v + key0 * p.v_strides.row, p.v_strides.row,
-                                        rows, head_dim, vectorized, thread);
+                                        min(kBlockN, seqlen_k - key0), head_dim, vectorized, thread);
+  };
+  auto load_kv = [&](int block, int stage) {
+    load_k(block, stage);
+    load_v(block, stage);
   };
 
   load_tile<QTile, Config::kThreads>(q_smem, q, p.q_strides.row, valid_rows, head_dim, vectorized,
                                      thread);
-  load_kv(0, 0);
+  if constexpr (Config::kStages == 2) {
+    load_kv(0, 0);
+  } else {
+    load_k(0, 0);
+  }
   cp_async_commit();
 
   const ScoreTransform transform = ScoreTransform::make(p, batch, head);
@@ -128,13 +143,17 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
     for (int h = 0; h < 2; ++h) row_max[i][h] = -INFINITY, row_sum[i][h] = 0.0f;
 
   for (int block = 0; block < num_key_blocks; ++block) {
-    const int stage = block & 1;
+    const int stage = Config::kStages == 2 ? (block & 1) : 0;
     const int key0 = key_begin + block * kBlockN;
-    // Block `block` has landed, and every warp is done with block - 1, whose stage the
-    // next copy overwrites.
+    // K of this block has landed, and every warp is done with the buffers the next copy
+    // overwrites (block - 1's stage, or the single V buffer).
     cp_async_wait<0>();
     __syncthreads();
-    if (block + 1 < num_key_blocks) load_kv(block + 1, stage ^ 1);
+    if constexpr (Config::kStages == 2) {
+      if (block + 1 < num_key_blocks) load_kv(block + 1, stage ^ 1);
+    } else {
+      load_v(block);
+    }
     cp_async_commit();
 
     float acc_s[kMTiles][kNTiles][4];
@@ -188,6 +207,15 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
           acc_o[i][j][2 * h + 1] *= correction;
         }
       }
+
+    if constexpr (Config::kStages == 1) {
+      // V of this block has landed and every warp is done reading K: fetch the next K
+      // while P V runs.
+      cp_async_wait<0>();
+      __syncthreads();
+      if (block + 1 < num_key_blocks) load_k(block + 1, 0);
+      cp_async_commit();
+    }
 
     // O += P V. The S accumulator layout of two adjacent 8-key tiles is exactly the A
     // fragment of a 16-key step, so P never leaves registers.
