@@ -71,7 +71,7 @@ struct BackwardTiles {
 };
 
 // Tile shapes per head-dim class (8 warps; one CTA per SM, limited by registers):
-// shared memory 65 KB, 65 KB, 97 KB, 145 KB. Head dim 256 takes 64 keys per CTA and a
+// shared memory 65 KB, 97 KB, 161 KB, 145 KB. Head dim 256 takes 64 keys per CTA and a
 // single Q/dO buffer to stay under the 163 KB sm80 limit. (128 queries per step at head dim
 // 64 measured no faster on the H100 and needs 162 KB.)
 template <int kHeadDimClass> struct BackwardConfig;
