@@ -151,11 +151,9 @@ bool vectorizable(const AttentionParams& p, bool backward) {
   bool ok = p.head_dim % 8 == 0 && strides_multiple_of_8(p.q_strides) &&
             strides_multiple_of_8(p.k_strides) && strides_multiple_of_8(p.v_strides) &&
             strides_multiple_of_8(p.out_strides) && aligned16(p.q) && aligned16(p.k) &&
-            aligned16(p.v);
+            aligned16(p.v) && aligned16(p.out);
   if (backward)
-    ok = ok && aligned16(p.dout) && aligned16(p.dk) && aligned16(p.dv);
-  else
-    ok = ok && aligned16(p.out);
+    ok = ok && aligned16(p.dout) && aligned16(p.dq) && aligned16(p.dk) && aligned16(p.dv);
   return ok;
 }
 
@@ -215,13 +213,13 @@ Status backward_all(int d, const AttentionParams& p, const BackwardWorkspace& wo
                     const LaunchOptions& options, cudaStream_t stream) {
   const bool has_rows = p.seqlen_q > 0;
   if (has_rows) {
-    if (Status s = launch_backward_preprocess<Element>(p, workspace, stream); !s.ok()) return s;
+    if (Status s = launch_backward_preprocess<Element>(p, workspace, options.vectorized, stream); !s.ok()) return s;
   }
   // Runs even when seqlen_q == 0: it is what writes dK = dV = 0 then.
   if (p.seqlen_k > 0) {
     if (Status s = backward_sm80<Element>(d, p, workspace, options, stream); !s.ok()) return s;
   }
-  if (has_rows) return launch_backward_finish_dq<Element>(p, workspace, stream);
+  if (has_rows) return launch_backward_finish_dq<Element>(p, workspace, options.vectorized, stream);
   return Status::Ok();
 }
 

@@ -29,11 +29,12 @@ Status launch_backward_sm80(const AttentionParams& p, const BackwardWorkspace& w
                             const LaunchOptions& options, cudaStream_t stream);
 
 // Backward pre- and post-processing (head-dim independent), in backward_aux.cu.
+// `vectorized`: head_dim % 8 == 0 and the rows they read and write start 16-byte aligned.
 template <typename Element>
 Status launch_backward_preprocess(const AttentionParams& p, const BackwardWorkspace& workspace,
-                                  cudaStream_t stream);
+                                  bool vectorized, cudaStream_t stream);
 template <typename Element>
 Status launch_backward_finish_dq(const AttentionParams& p, const BackwardWorkspace& workspace,
-                                 cudaStream_t stream);
+                                 bool vectorized, cudaStream_t stream);
 
 }  // namespace jax_flash::cuda
