@@ -10,6 +10,7 @@
 #include <limits>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 
 #include "cuda/flash_api.h"
@@ -167,44 +168,41 @@ Status launch_options(const AttentionParams& p, bool backward, Architecture* arc
   return Status::Ok();
 }
 
+// Calls launch(std::integral_constant<int, d>) for the built head-dim class d.
+template <typename Launch>
+Status with_head_dim_class(int d, Launch&& launch) {
+  switch (d) {
+#ifdef JAX_FLASH_CUDA_HDIM_32
+    case 32: return launch(std::integral_constant<int, 32>{});
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_64
+    case 64: return launch(std::integral_constant<int, 64>{});
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_128
+    case 128: return launch(std::integral_constant<int, 128>{});
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_256
+    case 256: return launch(std::integral_constant<int, 256>{});
+#endif
+    default: return Status::Unimplemented("jax_flash CUDA: no kernel for this head_dim class");
+  }
+}
+
 template <typename Element>
 Status forward_sm80(int d, const AttentionParams& p, const LaunchOptions& options,
                     cudaStream_t stream) {
-  switch (d) {
-#ifdef JAX_FLASH_CUDA_HDIM_32
-    case 32: return launch_forward_sm80<32, Element>(p, options, stream);
-#endif
-#ifdef JAX_FLASH_CUDA_HDIM_64
-    case 64: return launch_forward_sm80<64, Element>(p, options, stream);
-#endif
-#ifdef JAX_FLASH_CUDA_HDIM_128
-    case 128: return launch_forward_sm80<128, Element>(p, options, stream);
-#endif
-#ifdef JAX_FLASH_CUDA_HDIM_256
-    case 256: return launch_forward_sm80<256, Element>(p, options, stream);
-#endif
-    default: return Status::Unimplemented("jax_flash CUDA: no forward kernel for this head_dim");
-  }
+  return with_head_dim_class(d, [&](auto head_dim_class) {
+    return launch_forward_sm80<decltype(head_dim_class)::value, Element>(p, options, stream);
+  });
 }
 
 template <typename Element>
 Status backward_sm80(int d, const AttentionParams& p, const BackwardWorkspace& workspace,
                      const LaunchOptions& options, cudaStream_t stream) {
-  switch (d) {
-#ifdef JAX_FLASH_CUDA_HDIM_32
-    case 32: return launch_backward_sm80<32, Element>(p, workspace, options, stream);
-#endif
-#ifdef JAX_FLASH_CUDA_HDIM_64
-    case 64: return launch_backward_sm80<64, Element>(p, workspace, options, stream);
-#endif
-#ifdef JAX_FLASH_CUDA_HDIM_128
-    case 128: return launch_backward_sm80<128, Element>(p, workspace, options, stream);
-#endif
-#ifdef JAX_FLASH_CUDA_HDIM_256
-    case 256: return launch_backward_sm80<256, Element>(p, workspace, options, stream);
-#endif
-    default: return Status::Unimplemented("jax_flash CUDA: no backward kernel for this head_dim");
-  }
+  return with_head_dim_class(d, [&](auto head_dim_class) {
+    return launch_backward_sm80<decltype(head_dim_class)::value, Element>(p, workspace, options,
+                                                                         stream);
+  });
 }
 
 // delta and dQ accumulator zeroing, main kernel, dQ conversion, in order on one stream.

@@ -17,19 +17,12 @@ Status launch_forward_sm80(const AttentionParams& p, const LaunchOptions& option
                            cudaStream_t stream) {
   using Config = ForwardConfig<kHeadDimClass>;
   constexpr int kSmem = Config::kSmemBytes;
-  if (kSmem > options.max_smem_per_block)
-    return Status::Unimplemented("jax_flash CUDA: the head_dim " + std::to_string(kHeadDimClass) +
-                                 " forward kernel needs " + std::to_string(kSmem) +
-                                 " bytes of shared memory per block; this GPU allows " +
-                                 std::to_string(options.max_smem_per_block));
   auto kernel = p.has_window() ? forward_kernel_sm80<Config, Element, true>
                                : forward_kernel_sm80<Config, Element, false>;
-  if (kSmem > 48 * 1024) {
-    Status s = Status::FromCuda(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
-        "raising the forward kernel's shared memory limit");
-    if (!s.ok()) return s;
-  }
+  if (Status s = allow_shared_memory(kernel, kSmem, options,
+                                     "head_dim " + std::to_string(kHeadDimClass) + " forward");
+      !s.ok())
+    return s;
   const dim3 grid(static_cast<unsigned>((p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM),
                   static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.batch));
   kernel<<<grid, Config::kThreads, kSmem, stream>>>(p, options.vectorized);

@@ -5,6 +5,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <string>
+
 #include "common/attention_params.h"
 #include "cuda/flash_api.h"
 #include "cuda/status.h"
@@ -18,6 +20,21 @@ struct LaunchOptions {
   bool vectorized = true;
   int max_smem_per_block = 0;  // cudaDevAttrMaxSharedMemoryPerBlockOptin of the device
 };
+
+// Checks that a kernel's dynamic shared memory fits this GPU and raises the kernel's limit
+// past the 48 KB default where it needs more. `what` names the kernel in messages.
+template <typename Kernel>
+Status allow_shared_memory(Kernel* kernel, int bytes, const LaunchOptions& options,
+                           const std::string& what) {
+  if (bytes > options.max_smem_per_block)
+    return Status::Unimplemented("jax_flash CUDA: the " + what + " kernel needs " +
+                                 std::to_string(bytes) + " bytes of shared memory per block; " +
+                                 "this GPU allows " + std::to_string(options.max_smem_per_block));
+  if (bytes <= 48 * 1024) return Status::Ok();
+  return Status::FromCuda(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
+      ("raising the " + what + " kernel's shared memory limit").c_str());
+}
 
 template <int kHeadDimClass, typename Element>
 Status launch_forward_sm80(const AttentionParams& p, const LaunchOptions& options,

@@ -8,6 +8,7 @@
 #include <mutex>
 
 #include "cpu/attention_cpu.h"
+#include "ffi/bindings.h"
 #include "ffi/decode_params.h"
 #include "ffi/poison.h"
 
@@ -61,10 +62,7 @@ ffi::Error forward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k,
   AttentionParams p;
   const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right, has_alibi};
   if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, &p); e.failure()) return e;
-  if (!same_dims(q, *out) || out->element_type() != q.element_type() || !is_lse_shape(p, *lse))
-    return invalid("forward results must be out (like q) and lse (batch, num_heads, seqlen_q)");
-  p.out = out->untyped_data();
-  p.lse = lse->typed_data();
+  if (auto e = decode_forward_results(q, *out, *lse, &p); e.failure()) return e;
   poison_if_requested(*out, *lse);
   cpu::attention_forward(p, make_parallel_for(pool));
   return ffi::Error::Success();
@@ -80,11 +78,7 @@ ffi::Error backward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
   const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right, has_alibi};
   if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, &p); e.failure()) return e;
   if (auto e = decode_backward_operands(q, out, dout, lse, dlse, &p); e.failure()) return e;
-  if (!same_dims(q, *dq) || !same_dims(k, *dk) || !same_dims(v, *dv))
-    return invalid("gradients must match q, k and v in shape");
-  p.dq = dq->untyped_data();
-  p.dk = dk->untyped_data();
-  p.dv = dv->untyped_data();
+  if (auto e = decode_gradients(q, k, v, *dq, *dk, *dv, &p); e.failure()) return e;
   poison_if_requested(*dq, *dk, *dv);
   cpu::attention_backward(p, make_parallel_for(pool));
   return ffi::Error::Success();
@@ -96,36 +90,11 @@ ffi::Error backward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
 namespace ffi = xla::ffi;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashForwardCpu, jax_flash::ffi_glue::forward_cpu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // alibi_slopes
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
-                                  .Attr<float>("softmax_scale")
-                                  .Attr<float>("softcap")
-                                  .Attr<int64_t>("window_left")
-                                  .Attr<int64_t>("window_right")
-                                  .Attr<bool>("has_alibi"));
+                              jax_flash::ffi_glue::bind_attributes(
+                                  jax_flash::ffi_glue::bind_forward_operands(
+                                      ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBackwardCpu, jax_flash::ffi_glue::backward_cpu,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // out
-                                  .Arg<ffi::AnyBuffer>()  // dout
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dlse
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // alibi_slopes
-                                  .Ret<ffi::AnyBuffer>()  // dq
-                                  .Ret<ffi::AnyBuffer>()  // dk
-                                  .Ret<ffi::AnyBuffer>()  // dv
-                                  .Attr<float>("softmax_scale")
-                                  .Attr<float>("softcap")
-                                  .Attr<int64_t>("window_left")
-                                  .Attr<int64_t>("window_right")
-                                  .Attr<bool>("has_alibi"));
+                              jax_flash::ffi_glue::bind_attributes(
+                                  jax_flash::ffi_glue::bind_backward_operands(
+                                      ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())));

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "cuda/flash_api.h"
+#include "ffi/bindings.h"
 #include "ffi/decode_params.h"
 #include "ffi/poison.h"
 
@@ -45,10 +46,7 @@ ffi::Error forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k,
   AttentionParams p;
   const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right, has_alibi};
   if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, &p); e.failure()) return e;
-  if (!same_dims(q, *out) || out->element_type() != q.element_type() || !is_lse_shape(p, *lse))
-    return invalid("forward results must be out (like q) and lse (batch, num_heads, seqlen_q)");
-  p.out = out->untyped_data();
-  p.lse = lse->typed_data();
+  if (auto e = decode_forward_results(q, *out, *lse, &p); e.failure()) return e;
   if (auto e = poison_if_requested(stream, *out, *lse); e.failure()) return e;
   return to_ffi_error(cuda::flash_forward(p, stream));
 }
@@ -66,13 +64,7 @@ ffi::Error backward_cuda(cudaStream_t stream, ffi::AnyBuffer q,
   const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right, has_alibi};
   if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, &p); e.failure()) return e;
   if (auto e = decode_backward_operands(q, out, dout, lse, dlse, &p); e.failure()) return e;
-  if (!same_dims(q, *dq) || !same_dims(k, *dk) || !same_dims(v, *dv) ||
-      dq->element_type() != q.element_type() || dk->element_type() != q.element_type() ||
-      dv->element_type() != q.element_type())
-    return invalid("gradients must match q, k and v in shape and dtype");
-  p.dq = dq->untyped_data();
-  p.dk = dk->untyped_data();
-  p.dv = dv->untyped_data();
+  if (auto e = decode_gradients(q, k, v, *dq, *dk, *dv, &p); e.failure()) return e;
   if (auto e = poison_if_requested(stream, *dq, *dk, *dv); e.failure()) return e;
 
   // The workspace is an extra result, so XLA's own allocator plans it like any buffer.
@@ -91,37 +83,12 @@ ffi::Error backward_cuda(cudaStream_t stream, ffi::AnyBuffer q,
 namespace ffi = xla::ffi;
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashForwardCuda, jax_flash::ffi_glue::forward_cuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // alibi_slopes
-                                  .Ret<ffi::AnyBuffer>()  // out
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
-                                  .Attr<float>("softmax_scale")
-                                  .Attr<float>("softcap")
-                                  .Attr<int64_t>("window_left")
-                                  .Attr<int64_t>("window_right")
-                                  .Attr<bool>("has_alibi"));
+                              jax_flash::ffi_glue::bind_attributes(
+                                  jax_flash::ffi_glue::bind_forward_operands(
+                                      ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBackwardCuda, jax_flash::ffi_glue::backward_cuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::AnyBuffer>()  // q
-                                  .Arg<ffi::AnyBuffer>()  // k
-                                  .Arg<ffi::AnyBuffer>()  // v
-                                  .Arg<ffi::AnyBuffer>()  // out
-                                  .Arg<ffi::AnyBuffer>()  // dout
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dlse
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // alibi_slopes
-                                  .Ret<ffi::AnyBuffer>()  // dq
-                                  .Ret<ffi::AnyBuffer>()  // dk
-                                  .Ret<ffi::AnyBuffer>()  // dv
-                                  .Ret<ffi::Buffer<ffi::U8>>()  // workspace
-                                  .Attr<float>("softmax_scale")
-                                  .Attr<float>("softcap")
-                                  .Attr<int64_t>("window_left")
-                                  .Attr<int64_t>("window_right")
-                                  .Attr<bool>("has_alibi"));
+                              jax_flash::ffi_glue::bind_attributes(
+                                  jax_flash::ffi_glue::bind_backward_operands(
+                                      ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                                      .Ret<ffi::Buffer<ffi::U8>>()));  // workspace

@@ -114,4 +114,28 @@ inline ffi::Error decode_backward_operands(const ffi::AnyBuffer& q, const ffi::A
   return ffi::Error::Success();
 }
 
+// Adds the forward results: out like q, lse (batch, num_heads, seqlen_q).
+inline ffi::Error decode_forward_results(const ffi::AnyBuffer& q, ffi::AnyBuffer& out,
+                                         ffi::Buffer<ffi::F32>& lse, AttentionParams* p) {
+  if (!same_dims(q, out) || out.element_type() != q.element_type() || !is_lse_shape(*p, lse))
+    return invalid("forward results must be out (like q) and lse (batch, num_heads, seqlen_q)");
+  p->out = out.untyped_data();
+  p->lse = lse.typed_data();
+  return ffi::Error::Success();
+}
+
+// Adds the backward results: dq, dk, dv like q, k, v.
+inline ffi::Error decode_gradients(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                                   const ffi::AnyBuffer& v, ffi::AnyBuffer& dq,
+                                   ffi::AnyBuffer& dk, ffi::AnyBuffer& dv, AttentionParams* p) {
+  if (!same_dims(q, dq) || !same_dims(k, dk) || !same_dims(v, dv) ||
+      dq.element_type() != q.element_type() || dk.element_type() != q.element_type() ||
+      dv.element_type() != q.element_type())
+    return invalid("gradients must match q, k and v in shape and dtype");
+  p->dq = dq.untyped_data();
+  p->dk = dk.untyped_data();
+  p->dv = dv.untyped_data();
+  return ffi::Error::Success();
+}
+
 }  // namespace jax_flash::ffi_glue

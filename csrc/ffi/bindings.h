@@ -1,0 +1,52 @@
+// The operand and attribute lists of the two custom calls, shared by the CPU and CUDA
+// handlers so that the platforms cannot drift apart; each handler binds its own context
+// (thread pool or stream) first, and the CUDA backward adds its workspace result.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_flash::ffi_glue {
+
+namespace ffi = xla::ffi;
+
+// q, k, v, alibi_slopes -> out, lse.
+template <typename Binding>
+auto bind_forward_operands(Binding binding) {
+  return std::move(binding).template Arg<ffi::AnyBuffer>()         // q
+      .template Arg<ffi::AnyBuffer>()                   // k
+      .template Arg<ffi::AnyBuffer>()                   // v
+      .template Arg<ffi::Buffer<ffi::F32>>()            // alibi_slopes
+      .template Ret<ffi::AnyBuffer>()                   // out
+      .template Ret<ffi::Buffer<ffi::F32>>();           // lse
+}
+
+// q, k, v, out, dout, lse, dlse, alibi_slopes -> dq, dk, dv.
+template <typename Binding>
+auto bind_backward_operands(Binding binding) {
+  return std::move(binding).template Arg<ffi::AnyBuffer>()         // q
+      .template Arg<ffi::AnyBuffer>()                   // k
+      .template Arg<ffi::AnyBuffer>()                   // v
+      .template Arg<ffi::AnyBuffer>()                   // out
+      .template Arg<ffi::AnyBuffer>()                   // dout
+      .template Arg<ffi::Buffer<ffi::F32>>()            // lse
+      .template Arg<ffi::Buffer<ffi::F32>>()            // dlse
+      .template Arg<ffi::Buffer<ffi::F32>>()            // alibi_slopes
+      .template Ret<ffi::AnyBuffer>()                   // dq
+      .template Ret<ffi::AnyBuffer>()                   // dk
+      .template Ret<ffi::AnyBuffer>();                  // dv
+}
+
+// The scalars, in the order of ScalarAttributes.
+template <typename Binding>
+auto bind_attributes(Binding binding) {
+  return std::move(binding).template Attr<float>("softmax_scale")
+      .template Attr<float>("softcap")
+      .template Attr<int64_t>("window_left")
+      .template Attr<int64_t>("window_right")
+      .template Attr<bool>("has_alibi");
+}
+
+}  // namespace jax_flash::ffi_glue
