@@ -31,3 +31,24 @@ def test_16k_by_16k_needs_far_less_memory_than_the_score_matrix():
     inputs_and_outputs = 6 * seqlen * heads * head_dim * 2
     assert memory.temp_size_in_bytes < score_matrix_bytes / 100
     assert memory.temp_size_in_bytes < 4 * inputs_and_outputs
+
+
+def _backward_results(platform, shape):
+    """The result types of the backward custom call when lowered for `platform`."""
+    loss = lambda q: jnp.sum(jf.flash_attn_func(q, q, q, causal=True).astype(jnp.float32))
+    q = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    text = jax.jit(jax.grad(loss)).trace(q).lower(lowering_platforms=(platform,)).as_text()
+    line = next(l for l in text.splitlines() if "custom_call @jax_flash_backward(" in l)
+    return line.rsplit("->", 1)[1]
+
+
+def test_cuda_backward_gets_its_workspace_as_an_extra_result():
+    # Lowering needs no GPU: this checks what the CUDA handler will be given, on any machine.
+    batch, seqlen, heads, head_dim = 2, 40, 3, 24
+    rows = batch * heads * seqlen
+    round_up = lambda n: -(-n // 256) * 256
+    workspace = round_up(rows * 4) + round_up(rows * head_dim * 4)  # delta, dQ accumulator
+    cuda = _backward_results("cuda", (batch, seqlen, heads, head_dim))
+    assert cuda.count("tensor<") == 4 and f"tensor<{workspace}xui8>" in cuda, cuda
+    cpu = _backward_results("cpu", (batch, seqlen, heads, head_dim))
+    assert cpu.count("tensor<") == 3 and "ui8" not in cpu, cpu
