@@ -3,7 +3,8 @@
 # our kernels, and benchmark. Logs and JSON go to $OUT (the device tool returns them).
 # Steps are arguments, each optionally with a time limit in seconds (step:seconds):
 #   bash benchmarks/device_run.sh build gputests:300 memcheck:120 bench-quick
-# Steps: build cputests gputests memcheck bench bench-quick sass.
+# Steps: build cputests gputests memcheck bench bench-quick. (Register and spill counts
+# need no GPU: nvcc -Xptxas -v on an instantiation file, here.)
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
 mkdir -p "$OUT"
@@ -51,12 +52,6 @@ run_step() {
     bench-quick)
       (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 --seqlens 2048 8192 \
         --impls jax_flash cudnn --json "$OUT/bench_quick.json") 2>&1 | tee "$OUT/bench_quick.log"
-      ;;
-    sass)
-      # Resource usage of every kernel, from the build tree.
-      cuobjdump --dump-resource-usage "$(find build -name '_jax_flash*.so' | head -1)" 2>&1 \
-        | grep -E "Function|REG" | paste - - | sed -E 's/ +/ /g' | cut -c1-220 > "$OUT/resources.txt"
-      head -40 "$OUT/resources.txt"
       ;;
     *) echo "unknown step $step"; return 2 ;;
   esac

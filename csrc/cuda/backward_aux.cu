@@ -112,9 +112,9 @@ template <typename Element>
 Status launch_backward_preprocess(const AttentionParams& p, const BackwardWorkspace& workspace,
                                   bool vectorized, cudaStream_t stream) {
   // dQ is accumulated by atomics into zeros.
-  const size_t dq_bytes = static_cast<size_t>(p.batch * p.num_heads * p.seqlen_q * p.head_dim) * 4;
-  if (Status s = Status::FromCuda(cudaMemsetAsync(workspace.dq_accum, 0, dq_bytes, stream),
-                                  "zeroing the dQ accumulator");
+  if (Status s = Status::FromCuda(
+          cudaMemsetAsync(workspace.dq_accum, 0, workspace.dq_accum_bytes, stream),
+          "zeroing the dQ accumulator");
       !s.ok())
     return s;
   backward_preprocess_kernel<Element><<<row_grid(p), 32 * kWarpsPerBlock, 0, stream>>>(

@@ -211,13 +211,15 @@ Status backward_all(int d, const AttentionParams& p, const BackwardWorkspace& wo
                     const LaunchOptions& options, cudaStream_t stream) {
   const bool has_rows = p.seqlen_q > 0;
   if (has_rows) {
-    if (Status s = launch_backward_preprocess<Element>(p, workspace, options.vectorized, stream); !s.ok()) return s;
+    Status s = launch_backward_preprocess<Element>(p, workspace, options.vectorized, stream);
+    if (!s.ok()) return s;
   }
   // Runs even when seqlen_q == 0: it is what writes dK = dV = 0 then.
   if (p.seqlen_k > 0) {
     if (Status s = backward_sm80<Element>(d, p, workspace, options, stream); !s.ok()) return s;
   }
-  if (has_rows) return launch_backward_finish_dq<Element>(p, workspace, options.vectorized, stream);
+  if (has_rows)
+    return launch_backward_finish_dq<Element>(p, workspace, options.vectorized, stream);
   return Status::Ok();
 }
 
@@ -227,6 +229,10 @@ size_t round_up(size_t bytes) {
 
 size_t delta_bytes(const AttentionParams& p) {
   return round_up(static_cast<size_t>(p.batch * p.num_heads * p.seqlen_q) * sizeof(float));
+}
+
+size_t dq_accum_bytes(const AttentionParams& p) {
+  return static_cast<size_t>(p.batch * p.num_heads * p.seqlen_q * p.head_dim) * sizeof(float);
 }
 
 }  // namespace
@@ -248,15 +254,14 @@ Status flash_forward(const AttentionParams& p_in, cudaStream_t stream) {
 }
 
 size_t backward_workspace_bytes(const AttentionParams& p) {
-  return delta_bytes(p) +
-         round_up(static_cast<size_t>(p.batch * p.num_heads * p.seqlen_q * p.head_dim) *
-                  sizeof(float));
+  return delta_bytes(p) + round_up(dq_accum_bytes(p));
 }
 
 BackwardWorkspace backward_workspace(void* base, const AttentionParams& p) {
   BackwardWorkspace workspace;
   workspace.delta = static_cast<float*>(base);
   workspace.dq_accum = reinterpret_cast<float*>(static_cast<char*>(base) + delta_bytes(p));
+  workspace.dq_accum_bytes = dq_accum_bytes(p);
   return workspace;
 }
 

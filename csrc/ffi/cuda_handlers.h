@@ -3,6 +3,7 @@
 #include "xla/ffi/api/ffi.h"
 
 // Typed FFI handlers for platform "CUDA"; defined in cuda_handlers.cc. Same operands and
-// attributes as the CPU handlers; the context is the CUDA stream and a scratch allocator.
+// attributes as the CPU handlers (ffi/bindings.h); the context is the CUDA stream, and the
+// backward has one more result, its float32 workspace.
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFlashForwardCuda);
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxFlashBackwardCuda);
