@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_batching import custom_vmap
 
-from jax_flash import _ffi
+from jax_flash import _sharding
 from jax_flash._config import KernelConfig
 
 
@@ -45,7 +45,7 @@ def forward_fn(config: KernelConfig):
 
     @custom_vmap
     def forward(q, k, v, alibi_slopes):
-        return _ffi.forward(config, q, k, v, alibi_slopes)
+        return _sharding.forward(config, q, k, v, alibi_slopes)
 
     @forward.def_vmap
     def forward_vmap(axis_size, in_batched, q, k, v, alibi_slopes):
@@ -81,7 +81,7 @@ def backward_fn(config: KernelConfig):
 
     @custom_vmap
     def backward(q, k, v, out, dout, lse, dlse, alibi_slopes):
-        return _ffi.backward(config, q, k, v, out, dout, lse, dlse, alibi_slopes)
+        return _sharding.backward(config, q, k, v, out, dout, lse, dlse, alibi_slopes)
 
     @backward.def_vmap
     def backward_vmap(axis_size, in_batched, *args):
