@@ -18,6 +18,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import jax_flash as jf
 
@@ -34,7 +35,13 @@ def implementations():
     def xla(q, k, v, causal):
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
 
-    return {"jax_flash": ours, "cudnn": cudnn, "xla": xla}
+    def ring_one_device(q, k, v, causal):
+        # The ring machinery (shard_map, plans, lse merges, custom_vjp) on a one-device mesh:
+        # what it costs beyond the kernels.
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("seq",))
+        return jf.sequence_parallel_attention(q, k, v, mesh, "seq", causal=causal)
+
+    return {"jax_flash": ours, "cudnn": cudnn, "xla": xla, "ring_1dev": ring_one_device}
 
 
 def time_call(fn, args, calls_per_batch=10, batches=5):

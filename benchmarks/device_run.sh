@@ -3,7 +3,7 @@
 # our kernels, and benchmark. Logs and JSON go to $OUT (the device tool returns them).
 # Steps are arguments, each optionally with a time limit in seconds (step:seconds):
 #   bash benchmarks/device_run.sh build gputests:300 memcheck:120 bench-quick
-# Steps: build cputests gputests memcheck bench bench-quick. (Register and spill counts
+# Steps: build cputests gputests memcheck bench bench-quick bench-ring examples. (Register and spill counts
 # need no GPU: nvcc -Xptxas -v on an instantiation file, here.)
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
@@ -52,6 +52,17 @@ run_step() {
     bench-quick)
       (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 --seqlens 2048 8192 \
         --impls jax_flash cudnn --json "$OUT/bench_quick.json") 2>&1 | tee "$OUT/bench_quick.log"
+      ;;
+    bench-ring)
+      # ring_attention on a one-device mesh against the plain op, same run, d128.
+      (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 --seqlens 2048 8192 16384 \
+        --impls jax_flash ring_1dev cudnn --json "$OUT/bench_ring.json") 2>&1 | tee "$OUT/bench_ring.log"
+      ;;
+    examples)
+      for example in "$ROOT"/examples/*.py; do
+        echo "-- $(basename "$example")"
+        (cd /tmp && timeout "$limit" $PY "$example" --gpu 2>&1 || timeout "$limit" $PY "$example" 2>&1) | tail -6
+      done | tee "$OUT/examples.log"
       ;;
     *) echo "unknown step $step"; return 2 ;;
   esac

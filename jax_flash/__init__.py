@@ -7,6 +7,12 @@ from jax_flash.attention import (
     flash_attn_qkvpacked_func,
 )
 from jax_flash.reference import reference_attention
+from jax_flash.sequence_parallel import (
+    ring_attention,
+    sequence_parallel_attention,
+    sequence_permutation,
+    ulysses_attention,
+)
 
 __version__ = "0.1.0"
 
@@ -16,4 +22,8 @@ __all__ = [
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
     "reference_attention",
+    "ring_attention",
+    "sequence_parallel_attention",
+    "sequence_permutation",
+    "ulysses_attention",
 ]

@@ -117,3 +117,31 @@ def test_float32_on_gpu_is_a_clear_error():
     q, k, v = random_qkv(0, 1, 16, 16, 2, 2, 32, jnp.float32)
     with pytest.raises(Exception, match="float16 or bfloat16"):
         jax.block_until_ready(jf.flash_attn_func(q, k, v))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ring_attention_on_one_gpu_equals_the_op(causal):
+    """The ring machinery on a one-device mesh (inside the user's shard_map, with shard_map's
+    type checks on): the same numbers as flash_attn_func, forward and gradients."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.array(GPU[:1]), ("seq",))
+    spec = P(None, "seq", None, None)
+    q, k, v = random_qkv(11, 2, 2048, 2048, 8, 2, 128, jnp.bfloat16)
+
+    def ring(q, k, v):
+        return jax.shard_map(lambda q, k, v: jf.ring_attention(q, k, v, "seq", causal=causal),
+                             mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
+
+    def plain(q, k, v):
+        return jf.flash_attn_func(q, k, v, causal=causal)
+
+    def loss(fn):
+        return jax.jit(jax.value_and_grad(
+            lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) ** 2), argnums=(0, 1, 2)))
+
+    np.testing.assert_array_equal(np.asarray(jax.jit(ring)(q, k, v)), np.asarray(plain(q, k, v)))
+    (value, grads), (expected_value, expected_grads) = loss(ring)(q, k, v), loss(plain)(q, k, v)
+    np.testing.assert_allclose(float(value), float(expected_value), rtol=1e-6)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(e))

@@ -1,0 +1,233 @@
+"""Ring and Ulysses attention on fake CPU devices against the one-device op and float64.
+
+conftest.py gives the process eight CPU devices. Inputs are permuted into the sharded
+order with sequence_permutation, results permuted back before comparing.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+import jax_flash as jf
+from helpers import (DTYPES, alibi_slopes_for, assert_within_twice_plain, flash, random_qkv,
+                     reference, to64)
+
+pytestmark = pytest.mark.skipif(
+    len(jax.devices("cpu")) < 8, reason="needs 8 CPU devices (conftest sets XLA_FLAGS)")
+
+MASKS = {
+    "none": dict(),
+    "causal": dict(causal=True),
+    "window": dict(window_size=(7, 3)),
+    "causal_window_softcap": dict(causal=True, window_size=(11, -1), softcap=3.0),
+}
+
+
+def mesh_of(num_devices):
+    return Mesh(np.array(jax.devices("cpu")[:num_devices]), ("sp",))
+
+
+@functools.lru_cache(maxsize=None)
+def parallel_fn(method, num_devices, layout, mask_name, with_alibi=False):
+    mesh = mesh_of(num_devices)
+    kwargs = dict(MASKS[mask_name], layout=layout, return_lse=True)
+
+    def run(q, k, v, *slopes):
+        extra = dict(alibi_slopes=slopes[0]) if slopes else {}
+        return jf.sequence_parallel_attention(q, k, v, mesh, "sp", method=method, **kwargs,
+                                              **extra)
+
+    return jax.jit(run)
+
+
+def losses(fn, perm=None):
+    """A scalar through out and lse, with fixed cotangents given in global order."""
+
+    def loss(q, k, v, out_cot, lse_cot, *extra):
+        out, lse = fn(q, k, v, *extra)
+        if perm is not None:  # bring the one-device result into the sharded order
+            out, lse = out[:, perm], lse[:, :, perm]
+        lse = jnp.where(jnp.isinf(lse), 0.0, lse)
+        return jnp.sum(out.astype(jnp.float64) * out_cot) + jnp.sum(lse * lse_cot)
+
+    return loss
+
+
+def check(method, num_devices, layout, mask_name, shape, dtype=jnp.float32, seed=0,
+          with_alibi=False):
+    batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim = shape
+    q, k, v = random_qkv(seed, *shape, dtype)
+    perm_q = jf.sequence_permutation(seqlen_q, num_devices, layout)
+    perm_k = jf.sequence_permutation(seqlen_k, num_devices, layout)
+    kwargs = dict(MASKS[mask_name])
+    extra = (alibi_slopes_for(heads),) if with_alibi else ()
+    if with_alibi:
+        kwargs["alibi_slopes"] = extra[0]
+    fn = parallel_fn(method, num_devices, layout, mask_name, with_alibi)
+
+    out, lse = fn(q[:, perm_q], k[:, perm_k], v[:, perm_k], *extra)
+    inverse = np.argsort(perm_q)
+    out, lse = out[:, inverse], lse[:, :, inverse]
+    assert out.dtype == q.dtype and lse.shape == (batch, heads, seqlen_q)
+    one_device = flash(q, k, v, return_lse=True, **kwargs)
+    exact = reference(*map(to64, (q, k, v)), return_lse=True, **kwargs)
+    plain = reference(q, k, v, return_lse=True, **kwargs)
+    for name, ours, single, ex, pl in zip(("out", "lse"), (out, lse), one_device, exact, plain):
+        assert_within_twice_plain(name, ours, pl, ex, dtype if name == "out" else jnp.float32)
+        np.testing.assert_array_equal(np.isinf(np.asarray(ours)), np.isinf(np.asarray(single)))
+
+    rng = np.random.default_rng(seed + 1)
+    out_cot = jnp.asarray(rng.standard_normal(q.shape))[:, perm_q]
+    lse_cot = jnp.asarray(rng.standard_normal(lse.shape))[:, :, perm_q]
+    grads = jax.jit(jax.grad(losses(fn), argnums=(0, 1, 2)))(
+        q[:, perm_q], k[:, perm_k], v[:, perm_k], out_cot, lse_cot, *extra)
+    single = lambda q, k, v: reference(q, k, v, return_lse=True, **kwargs)  # noqa: E731
+    grad_ref = jax.jit(jax.grad(losses(single, perm_q), argnums=(0, 1, 2)))
+    exact_grads = grad_ref(*map(to64, (q, k, v)), out_cot, lse_cot)
+    plain_grads = grad_ref(q, k, v, out_cot, lse_cot)
+    for name, g, ex, pl, perm in zip(("dq", "dk", "dv"), grads, exact_grads, plain_grads,
+                                     (perm_q, perm_k, perm_k)):
+        assert g.dtype == dtype
+        assert_within_twice_plain(name, g[:, np.argsort(perm)], pl, ex, dtype)
+
+
+# (batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim): global lengths.
+GQA = (2, 64, 64, 4, 2, 16)
+
+
+@pytest.mark.parametrize("mask_name", MASKS)
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_ring_four_devices(layout, mask_name):
+    check("ring", 4, layout, mask_name, GQA)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("mask_name", ["causal", "causal_window_softcap"])
+def test_ring_eight_devices_mqa_odd_chunks(layout, mask_name):
+    check("ring", 8, layout, mask_name, (1, 80, 80, 3, 1, 24))  # zigzag chunks of 5
+
+
+@pytest.mark.parametrize("mask_name", ["causal", "window"])
+def test_ring_unequal_lengths_bottom_right(mask_name):
+    # Cross attention with global lengths 48 and 96: masks align bottom-right globally.
+    check("ring", 4, "zigzag", mask_name, (2, 48, 96, 2, 2, 16))
+    check("ring", 2, "contiguous", mask_name, (1, 96, 48, 2, 1, 16))
+
+
+@pytest.mark.parametrize("num_devices", [1, 2])
+def test_ring_small_meshes(num_devices):
+    check("ring", num_devices, "zigzag", "causal", (1, 36, 36, 2, 2, 32))
+
+
+def test_ring_bfloat16():
+    check("ring", 4, "zigzag", "causal", GQA, dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("mask_name", ["causal", "window"])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_ulysses(layout, mask_name):
+    check("ulysses", 2, layout, mask_name, GQA)
+
+
+def test_ulysses_more_devices_than_kv_heads_with_alibi():
+    check("ulysses", 4, "zigzag", "causal_window_softcap", (2, 64, 64, 8, 2, 16),
+          with_alibi=True)
+
+
+def test_ring_inside_users_shard_map_with_vma_checks():
+    """Called directly in a shard_map with the default check_vma=True, batch sharded too."""
+    mesh = Mesh(np.array(jax.devices("cpu")[:8]).reshape(2, 4), ("dp", "sp"))
+    q, k, v = random_qkv(5, 2, 64, 64, 2, 2, 16, jnp.float32)
+    perm = jf.sequence_permutation(64, 4, "zigzag")
+    spec = P("dp", "sp", None, None)
+
+    @jax.jit
+    def loss(q, k, v):
+        out = jax.shard_map(
+            lambda q, k, v: jf.ring_attention(q, k, v, "sp", causal=True), mesh=mesh,
+            in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
+        return jnp.sum(out ** 2), out
+
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+        q[:, perm], k[:, perm], v[:, perm])
+    (_, expected), expected_grads = jax.value_and_grad(
+        lambda q, k, v: (jnp.sum(flash(q, k, v, causal=True) ** 2),
+                         flash(q, k, v, causal=True)), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    np.testing.assert_allclose(np.asarray(out)[:, np.argsort(perm)], expected, atol=2e-6)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(np.asarray(g)[:, np.argsort(perm)], e, atol=2e-5)
+
+
+def test_ring_step_plans_balance_causal_work():
+    """Zigzag gives every device the same causal work at every step; contiguous does not."""
+    from jax_flash.sequence_parallel import _Ring
+    from jax_flash._config import KernelConfig
+
+    config = KernelConfig(1.0, 0.0, -1, 0, 0, False)
+    for layout, balanced in (("zigzag", True), ("contiguous", False)):
+        ring = _Ring(config, "sp", 4, layout, 64, 64)
+        for plans, index in ring.steps[1:]:
+            work = [sum(len(c.q_pieces) * len(c.k_pieces) for c in plans[i]) for i in index]
+            assert (len(set(work)) == 1) == balanced, (layout, work)
+
+
+def test_sequence_permutation():
+    np.testing.assert_array_equal(jf.sequence_permutation(8, 2, "contiguous"), np.arange(8))
+    np.testing.assert_array_equal(jf.sequence_permutation(8, 2, "zigzag"),
+                                  [0, 1, 6, 7, 2, 3, 4, 5])
+    np.testing.assert_array_equal(jf.sequence_permutation(6, 1, "zigzag"), np.arange(6))
+    for n in (2, 4, 8):
+        perm = jf.sequence_permutation(16 * n, n)
+        assert sorted(perm.tolist()) == list(range(16 * n))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: jf.sequence_permutation(10, 4), "divisible by 8"),
+    (lambda: jf.sequence_permutation(16, 4, "striped"), "layout must be one of"),
+    (lambda: jf.sequence_permutation(16, 0), "num_devices must be a positive int"),
+])
+def test_permutation_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_errors():
+    q, k, v = random_qkv(0, 1, 32, 32, 6, 2, 16, jnp.float32)
+    with pytest.raises(ValueError, match="axis_name 'sp' is not a mesh axis bound here"):
+        jf.ring_attention(q, k, v, "sp")
+    mesh = mesh_of(4)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        jf.sequence_parallel_attention(q, k, v, mesh, "sp", layout="striped")
+    with pytest.raises(ValueError, match="num_heads \\(6\\) must be divisible"):
+        jf.sequence_parallel_attention(q, k, v, mesh, "sp", method="ulysses")
+    with pytest.raises(ValueError, match="not an axis of the mesh"):
+        jf.sequence_parallel_attention(q, k, v, mesh, "tp")
+    with pytest.raises(ValueError, match="method must be one of"):
+        jf.sequence_parallel_attention(q, k, v, mesh, "sp", method="tree")
+    q, k, v = random_qkv(0, 1, 36, 36, 2, 2, 16, jnp.float32)  # 9 per device: odd
+    with pytest.raises(ValueError, match="must be divisible by 2 for layout 'zigzag'"):
+        jf.sequence_parallel_attention(q, k, v, mesh, "sp")
+    q, k, v = random_qkv(0, 1, 32, 32, 4, 3, 16, jnp.float32)
+    with pytest.raises(ValueError):  # 4 query heads, 3 kv heads: rejected by the op's checks
+        jf.sequence_parallel_attention(q, k, v, mesh, "sp")
+
+
+def test_ring_attention_example_runs():
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    example = pathlib.Path(__file__).parent.parent / "examples" / "ring_attention.py"
+    env = dict(os.environ, XLA_FLAGS="")  # the example asks for its own 8 devices
+    result = subprocess.run([sys.executable, str(example), "--seqlen", str(8 * 64)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if "max |difference|" in line]
+    assert len(lines) == 2, result.stdout
+    for line in lines:
+        assert "on 8 cpu devices" in line and float(line.rsplit(" ", 1)[1]) < 1e-5, line
