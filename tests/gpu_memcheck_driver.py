@@ -9,11 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jax_flash as jf
+from jax_flash.attention import _attention
 
 SHAPES = [(1, 1, 1, 2, 1, 16), (2, 17, 33, 4, 2, 64), (1, 33, 17, 4, 1, 24), (1, 130, 70, 2, 2, 7),
           (1, 70, 65, 2, 1, 256), (1, 200, 131, 2, 1, 128), (1, 77, 77, 3, 1, 160)]
-OPTIONS = [dict(), dict(causal=True), dict(window_size=(9, 3), softcap=3.0)]
+OPTIONS = [dict(), dict(causal=True), dict(window_size=(9, 3), softcap=3.0),
+           # a moved mask diagonal (top-left, far before and far after the keys), as the
+           # ring attention and the top-left masks use it
+           dict(causal=True, diagonal_offset=0), dict(window_size=(5, 2), diagonal_offset=-40),
+           dict(causal=True, diagonal_offset=300)]
 
 for shape in SHAPES:
     b, sq, sk, h, hk, d = shape
@@ -21,7 +25,7 @@ for shape in SHAPES:
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
                for s in [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d)])
     for options in OPTIONS:
-        loss = lambda q, k, v: jnp.sum(jf.flash_attn_func(q, k, v, **options).astype(jnp.float32))
+        loss = lambda q, k, v: jnp.sum(_attention(q, k, v, **options).astype(jnp.float32))
         grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
         assert all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in grads), (shape, options)
     print("ok", shape, flush=True)
