@@ -143,5 +143,10 @@ def test_ring_attention_on_one_gpu_equals_the_op(causal):
     np.testing.assert_array_equal(np.asarray(jax.jit(ring)(q, k, v)), np.asarray(plain(q, k, v)))
     (value, grads), (expected_value, expected_grads) = loss(ring)(q, k, v), loss(plain)(q, k, v)
     np.testing.assert_allclose(float(value), float(expected_value), rtol=1e-6)
-    for g, e in zip(grads, expected_grads):
+    # dk and dv are summed inside one CTA per key block: bitwise the same. dq sums the key
+    # blocks with float32 atomics in no fixed order, so two runs of the plain op differ in
+    # the last bits too (0.007% of elements by one bf16 ulp, seen on the H100).
+    dq, expected_dq = (np.asarray(x, np.float32) for x in (grads[0], expected_grads[0]))
+    np.testing.assert_allclose(dq, expected_dq, rtol=2e-2, atol=1e-3 * np.abs(expected_dq).max())
+    for g, e in zip(grads[1:], expected_grads[1:]):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
