@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MAX_HEAD_DIM = 256
+MAX_DIAGONAL_OFFSET = 1 << 29  # the CUDA kernels' index arithmetic is 32-bit
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
@@ -89,6 +90,18 @@ def check_window(window_size, causal):
     if causal:
         right = 0
     return left, right
+
+
+def check_diagonal_offset(diagonal_offset, seqlen_q, seqlen_k):
+    """The key aligned with query 0; None means bottom-right (seqlen_k - seqlen_q)."""
+    if diagonal_offset is None:
+        return seqlen_k - seqlen_q
+    if isinstance(diagonal_offset, (bool, np.bool_)) or not isinstance(diagonal_offset, numbers.Integral):
+        raise TypeError(f"diagonal_offset must be a static int, got {type(diagonal_offset).__name__}")
+    offset = int(diagonal_offset)
+    if abs(offset) > MAX_DIAGONAL_OFFSET:
+        raise ValueError(f"diagonal_offset must be within +-2**29, got {offset}")
+    return offset
 
 
 def check_dropout(dropout_p, dropout_key):

@@ -10,13 +10,15 @@ class KernelConfig:
     """Hashable, so it can be a nondiff argument of custom_vjp and a cache key.
 
     ``window_right == 0`` is how causal attention reaches the kernels: one masking
-    mechanism serves causal and sliding-window attention.
+    mechanism serves causal and sliding-window attention. ``diagonal_offset`` is the key
+    aligned with query 0 (``seqlen_k - seqlen_q`` for FlashAttention's bottom-right masks).
     """
 
     softmax_scale: float
     softcap: float
     window_left: int
     window_right: int
+    diagonal_offset: int
     has_alibi: bool
 
     def attributes(self) -> dict:
@@ -27,5 +29,6 @@ class KernelConfig:
             softcap=np.float32(self.softcap),
             window_left=np.int64(self.window_left),
             window_right=np.int64(self.window_right),
+            diagonal_offset=np.int64(self.diagonal_offset),
             has_alibi=bool(self.has_alibi),
         )

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from jax_flash import _checks
 from jax_flash._config import KernelConfig
-from jax_flash._op import attention as _attention
+from jax_flash._op import attention as _op_attention
 
 
 def flash_attn_func(
@@ -51,9 +51,27 @@ def flash_attn_func(
     Returns:
       out with the shape and dtype of q, or (out, lse) when return_lse is True.
     """
-    batch, _, num_heads, head_dim, _, _ = _checks.check_qkv(q, k, v)
     _checks.check_dropout(dropout_p, dropout_key)
     _checks.check_unimplemented(deterministic, q_segment_ids, kv_segment_ids)
+    return _attention(
+        q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse,
+    )
+
+
+def _attention(
+    q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+    alibi_slopes=None, return_lse=False, diagonal_offset=None,
+):
+    """flash_attn_func's op with a movable mask diagonal, for the layers built on it.
+
+    diagonal_offset is the key aligned with query 0: causal lets query i see key j iff
+    j <= i + diagonal_offset, and the window and ALiBi distances count from the same
+    diagonal. None is FlashAttention's bottom-right alignment (seqlen_k - seqlen_q); 0 is
+    the top-left alignment of jax.nn.dot_product_attention; ring attention passes the
+    distance between two blocks of one sequence.
+    """
+    batch, seqlen_q, num_heads, head_dim, seqlen_k, _ = _checks.check_qkv(q, k, v)
     window_left, window_right = _checks.check_window(window_size, causal)
     slopes = _checks.check_alibi_slopes(alibi_slopes, batch, num_heads)
     config = KernelConfig(
@@ -61,11 +79,12 @@ def flash_attn_func(
         softcap=_checks.check_softcap(softcap),
         window_left=window_left,
         window_right=window_right,
+        diagonal_offset=_checks.check_diagonal_offset(diagonal_offset, seqlen_q, seqlen_k),
         has_alibi=slopes is not None,
     )
     if slopes is None:
         slopes = jnp.zeros((batch, num_heads), jnp.float32)
-    out, lse = _attention(config, q, k, v, jax.lax.stop_gradient(slopes))
+    out, lse = _op_attention(config, q, k, v, jax.lax.stop_gradient(slopes))
     return (out, lse) if return_lse else out
 
 

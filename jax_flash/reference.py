@@ -10,9 +10,16 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 
-def visible_mask(seqlen_q, seqlen_k, window_left=-1, window_right=-1):
-    """Boolean (seqlen_q, seqlen_k): may query i see key j (bottom-right aligned)."""
-    diagonal = jnp.arange(seqlen_q)[:, None] + (seqlen_k - seqlen_q)
+def _diagonal(seqlen_q, seqlen_k, diagonal_offset):
+    """(seqlen_q, 1): the key aligned with each query (bottom-right when offset is None)."""
+    offset = seqlen_k - seqlen_q if diagonal_offset is None else diagonal_offset
+    return jnp.arange(seqlen_q)[:, None] + offset
+
+
+def visible_mask(seqlen_q, seqlen_k, window_left=-1, window_right=-1, diagonal_offset=None):
+    """Boolean (seqlen_q, seqlen_k): may query i see key j (bottom-right aligned unless
+    diagonal_offset, the key aligned with query 0, says otherwise)."""
+    diagonal = _diagonal(seqlen_q, seqlen_k, diagonal_offset)
     key = jnp.arange(seqlen_k)[None, :]
     mask = jnp.ones((seqlen_q, seqlen_k), bool)
     if window_left >= 0:
@@ -24,9 +31,12 @@ def visible_mask(seqlen_q, seqlen_k, window_left=-1, window_right=-1):
 
 def reference_attention(
     q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-    alibi_slopes=None, return_lse=False,
+    alibi_slopes=None, return_lse=False, diagonal_offset=None,
 ):
-    """out (and lse) for q (b, sq, h, d), k/v (b, sk, hk, d); see flash_attn_func."""
+    """out (and lse) for q (b, sq, h, d), k/v (b, sk, hk, d); see flash_attn_func.
+
+    diagonal_offset moves the masks' (and ALiBi's) diagonal: the key aligned with query 0,
+    seqlen_k - seqlen_q when None."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_kv = k.shape[1], k.shape[2]
     group = num_heads // num_heads_kv
@@ -38,11 +48,11 @@ def reference_attention(
         scores = softcap * jnp.tanh(scores / softcap)
     if alibi_slopes is not None:
         slopes = jnp.broadcast_to(alibi_slopes, (batch, num_heads)).astype(scores.dtype)
-        diagonal = jnp.arange(seqlen_q)[:, None] + (seqlen_k - seqlen_q)
+        diagonal = _diagonal(seqlen_q, seqlen_k, diagonal_offset)
         distance = jnp.abs(diagonal - jnp.arange(seqlen_k)[None, :]).astype(scores.dtype)
         scores = scores - slopes[:, :, None, None] * distance
     left, right = window_size
-    mask = visible_mask(seqlen_q, seqlen_k, left, 0 if causal else right)
+    mask = visible_mask(seqlen_q, seqlen_k, left, 0 if causal else right, diagonal_offset)
     scores = jnp.where(mask, scores, -jnp.inf)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)

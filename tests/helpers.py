@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_flash as jf
+from jax_flash.attention import _attention
 from jax_flash.reference import reference_attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -23,6 +24,9 @@ STATIC_ARGS = ("softmax_scale", "causal", "window_size", "softcap", "return_lse"
 # Jitted once per shape: eager op-by-op dispatch would dominate the suite's run time.
 flash = jax.jit(jf.flash_attn_func, static_argnames=STATIC_ARGS)
 reference = jax.jit(reference_attention, static_argnames=STATIC_ARGS)
+# The private op with a movable mask diagonal, which the layers and ring attention build on.
+flash_offset = jax.jit(_attention, static_argnames=STATIC_ARGS + ("diagonal_offset",))
+reference_offset = jax.jit(reference_attention, static_argnames=STATIC_ARGS + ("diagonal_offset",))
 
 
 def random_qkv(seed, batch, seqlen_q, seqlen_k, num_heads, num_heads_kv, head_dim, dtype):
@@ -70,7 +74,7 @@ def attention_kwargs(case):
     return {k: case[k] for k in keys if k in case}
 
 
-def losses(kwargs):
+def losses(kwargs, flash_fn=None, reference_fn=None):
     """Scalar losses through out and lse with fixed random cotangents, for jf and reference."""
 
     def make(fn):
@@ -83,4 +87,4 @@ def losses(kwargs):
 
         return loss
 
-    return make(flash), make(reference)
+    return make(flash_fn or flash), make(reference_fn or reference)

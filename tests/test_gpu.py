@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import jax_flash as jf
-from helpers import alibi_slopes_for, assert_within_twice_plain, random_qkv
+from helpers import (alibi_slopes_for, assert_within_twice_plain, flash_offset, random_qkv,
+                     reference_offset)
 
 GPU = [d for d in jax.devices() if d.platform == "gpu"] if jax.default_backend() == "gpu" else []
 pytestmark = pytest.mark.skipif(
@@ -33,6 +34,7 @@ FEATURES = {
     "causal": dict(causal=True),
     "window": dict(window_size=(100, 7)),
     "softcap_alibi_causal": dict(causal=True, softcap=4.0, alibi=True),
+    "window_alibi": dict(window_size=(200, 50), alibi=True),
 }
 
 
@@ -49,13 +51,17 @@ def exact(fn, *args):
         return fn(*args)
 
 
-def check(shape, feature, dtype, gradients):
+def check(shape, feature, dtype, gradients, diagonal_offset=None):
     q, k, v = random_qkv(sum(shape), *shape, dtype)
     kwargs = kwargs_for(feature, shape)
+    ours_fn, reference_fn = flash, reference
+    if diagonal_offset is not None:  # the private op with a moved mask diagonal
+        ours_fn, reference_fn = flash_offset, reference_offset
+        kwargs["diagonal_offset"] = diagonal_offset
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    out, lse = flash(q, k, v, return_lse=True, **kwargs)
-    exact_out, exact_lse = exact(lambda *a: reference(*a, return_lse=True, **kwargs), *f32)
-    plain_out, _ = reference(q, k, v, return_lse=True, **kwargs)
+    out, lse = ours_fn(q, k, v, return_lse=True, **kwargs)
+    exact_out, exact_lse = exact(lambda *a: reference_fn(*a, return_lse=True, **kwargs), *f32)
+    plain_out, _ = reference_fn(q, k, v, return_lse=True, **kwargs)
     assert_within_twice_plain("out", out, plain_out, exact_out, dtype)
     np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(np.asarray(exact_lse)))
     finite = np.isfinite(np.asarray(exact_lse))
@@ -75,9 +81,9 @@ def check(shape, feature, dtype, gradients):
 
         return jax.jit(jax.grad(value, argnums=(0, 1, 2)))
 
-    ours = loss(flash)(q, k, v)
-    plain = loss(reference)(q, k, v)
-    exact_grads = exact(loss(reference), *f32)
+    ours = loss(ours_fn)(q, k, v)
+    plain = loss(reference_fn)(q, k, v)
+    exact_grads = exact(loss(reference_fn), *f32)
     for name, a, b, c in zip(("dq", "dk", "dv"), ours, plain, exact_grads):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert_within_twice_plain(name, a, b, c, dtype)
@@ -99,6 +105,12 @@ def test_large_shapes_bf16(shape, feature):
 @pytest.mark.parametrize("head_dim", [8, 32, 64, 80, 96, 128, 160, 192, 256])
 def test_every_head_dim_class(head_dim):
     check((2, 300, 257, 4, 2, head_dim), "causal", jnp.bfloat16, gradients=True)
+
+
+@pytest.mark.parametrize("feature", ["causal", "window_alibi"])
+@pytest.mark.parametrize("offset", [-700, -90, 0, 333, 1200])
+def test_diagonal_offset(offset, feature):
+    check((2, 300, 500, 4, 2, 128), feature, jnp.bfloat16, gradients=True, diagonal_offset=offset)
 
 
 def test_float32_on_gpu_is_a_clear_error():

@@ -37,10 +37,15 @@ struct AttentionParams {
   float softmax_scale = 1.0f;
   float softcap = 0.0f;  // 0 disables; else s = softcap * tanh(s / softcap)
   // Key j is visible to query i iff
-  //   i + (seqlen_k - seqlen_q) - window_left <= j <= i + (seqlen_k - seqlen_q) + window_right,
+  //   i + diagonal_offset - window_left <= j <= i + diagonal_offset + window_right,
   // where -1 leaves that side unbounded. Causal attention is window_right == 0.
+  // diagonal_offset is the key aligned with query 0: seqlen_k - seqlen_q (bottom-right,
+  // FlashAttention's convention) unless a caller moves it, e.g. 0 for top-left alignment or
+  // the distance between two blocks of one sequence in ring attention. ALiBi measures its
+  // distances from the same diagonal.
   int64_t window_left = -1;
   int64_t window_right = -1;
+  int64_t diagonal_offset = 0;
 
   // ALiBi slopes, float32 (batch, num_heads); null when ALiBi is off.
   const float* alibi_slopes = nullptr;
@@ -64,7 +69,6 @@ struct AttentionParams {
   JAX_FLASH_HOST_DEVICE bool has_window() const { return window_left >= 0 || window_right >= 0; }
   JAX_FLASH_HOST_DEVICE bool has_alibi() const { return alibi_slopes != nullptr; }
   JAX_FLASH_HOST_DEVICE int64_t group_size() const { return num_heads / num_heads_kv; }
-  JAX_FLASH_HOST_DEVICE int64_t diagonal_offset() const { return seqlen_k - seqlen_q; }
 };
 
 // The half-open key range [first, last) that any query row in [row_begin, row_end) may see.
@@ -77,7 +81,7 @@ struct IndexRange {
 JAX_FLASH_HOST_DEVICE inline IndexRange visible_keys(const AttentionParams& p, int64_t row_begin,
                                                      int64_t row_end) {
   int64_t begin = 0, end = p.seqlen_k;
-  const int64_t offset = p.diagonal_offset();
+  const int64_t offset = p.diagonal_offset;
   if (p.window_left >= 0) {
     const int64_t lo = row_begin + offset - p.window_left;
     begin = lo > begin ? lo : begin;
@@ -93,7 +97,7 @@ JAX_FLASH_HOST_DEVICE inline IndexRange visible_keys(const AttentionParams& p, i
 JAX_FLASH_HOST_DEVICE inline IndexRange visible_queries(const AttentionParams& p, int64_t key_begin,
                                                         int64_t key_end) {
   int64_t begin = 0, end = p.seqlen_q;
-  const int64_t offset = p.diagonal_offset();
+  const int64_t offset = p.diagonal_offset;
   if (p.window_right >= 0) {
     const int64_t lo = key_begin - offset - p.window_right;
     begin = lo > begin ? lo : begin;

@@ -117,7 +117,7 @@ void matmul_at_accumulate(const A* w, const A* a, int m, int n, int64_t d, A* ac
 template <typename A>
 void finish_scores(const AttentionParams& p, float alibi_slope, int64_t row0, int m,
                    int64_t col0, int n, A* s, A* softcap_grad) {
-  const int64_t offset = p.diagonal_offset();
+  const int64_t offset = p.diagonal_offset;
   const bool capped = p.softcap > 0.0f;
   const A softcap = p.softcap, scale = p.softmax_scale, slope = alibi_slope;
   const A inv_cap = capped ? 1 / softcap : 0;

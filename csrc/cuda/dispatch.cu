@@ -106,7 +106,8 @@ constexpr int64_t kMaxGridYZ = 65535;
 // exactly equivalent, keeps indices small, and lets such calls use the unmasked kernels.
 AttentionParams normalized(const AttentionParams& in) {
   AttentionParams p = in;
-  const int64_t reach = p.seqlen_q + p.seqlen_k;
+  const int64_t offset_size = p.diagonal_offset < 0 ? -p.diagonal_offset : p.diagonal_offset;
+  const int64_t reach = p.seqlen_q + p.seqlen_k + offset_size;
   if (p.window_left >= reach) p.window_left = -1;
   if (p.window_right >= reach) p.window_right = -1;
   return p;
@@ -123,6 +124,8 @@ Status validate(const AttentionParams& p, int* head_dim_class_out) {
     return Status::InvalidArgument("jax_flash CUDA: head_dim must be in [1, 256]");
   if (p.seqlen_q > kMaxSeqlen || p.seqlen_k > kMaxSeqlen)
     return Status::Unimplemented("jax_flash CUDA: sequence lengths above 2^29 are not supported");
+  if (p.diagonal_offset > kMaxSeqlen || p.diagonal_offset < -kMaxSeqlen)
+    return Status::Unimplemented("jax_flash CUDA: |diagonal_offset| above 2^29 is not supported");
   if (p.num_heads > kMaxGridYZ || p.batch > kMaxGridYZ)
     return Status::Unimplemented("jax_flash CUDA: batch and num_heads must be at most 65535");
   if (p.num_heads_kv <= 0 || p.num_heads % p.num_heads_kv != 0)

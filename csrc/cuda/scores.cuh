@@ -60,12 +60,12 @@ struct ScoreTransform {
 // The window of the call in 32-bit indices (the launcher checks sequence lengths fit).
 struct KeyWindow {
   int seqlen_k;
-  int diagonal_offset;  // seqlen_k - seqlen_q
+  int diagonal_offset;  // the key aligned with query 0
   int left;             // -1: unbounded
   int right;            // -1: unbounded
 
   __device__ __forceinline__ static KeyWindow make(const AttentionParams& p) {
-    return {static_cast<int>(p.seqlen_k), static_cast<int>(p.diagonal_offset()),
+    return {static_cast<int>(p.seqlen_k), static_cast<int>(p.diagonal_offset),
             static_cast<int>(p.window_left), static_cast<int>(p.window_right)};
   }
 

@@ -46,6 +46,7 @@ auto bind_attributes(Binding binding) {
       .template Attr<float>("softcap")
       .template Attr<int64_t>("window_left")
       .template Attr<int64_t>("window_right")
+      .template Attr<int64_t>("diagonal_offset")
       .template Attr<bool>("has_alibi");
 }
 

@@ -58,9 +58,11 @@ cpu::ParallelFor make_parallel_for(ffi::ThreadPool& pool) {
 ffi::Error forward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                        ffi::Buffer<ffi::F32> alibi_slopes, ffi::Result<ffi::AnyBuffer> out,
                        ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale, float softcap,
-                       int64_t window_left, int64_t window_right, bool has_alibi) {
+                       int64_t window_left, int64_t window_right, int64_t diagonal_offset,
+                       bool has_alibi) {
   AttentionParams p;
-  const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right, has_alibi};
+  const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right,
+                               diagonal_offset, has_alibi};
   if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, &p); e.failure()) return e;
   if (auto e = decode_forward_results(q, *out, *lse, &p); e.failure()) return e;
   poison_if_requested(*out, *lse);
@@ -73,9 +75,11 @@ ffi::Error backward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
                         ffi::Buffer<ffi::F32> dlse, ffi::Buffer<ffi::F32> alibi_slopes,
                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                         ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, float softcap,
-                        int64_t window_left, int64_t window_right, bool has_alibi) {
+                        int64_t window_left, int64_t window_right, int64_t diagonal_offset,
+                        bool has_alibi) {
   AttentionParams p;
-  const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right, has_alibi};
+  const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right,
+                               diagonal_offset, has_alibi};
   if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, &p); e.failure()) return e;
   if (auto e = decode_backward_operands(q, out, dout, lse, dlse, &p); e.failure()) return e;
   if (auto e = decode_gradients(q, k, v, *dq, *dk, *dv, &p); e.failure()) return e;

@@ -20,6 +20,7 @@ struct ScalarAttributes {
   float softcap;
   int64_t window_left;
   int64_t window_right;
+  int64_t diagonal_offset;
   bool has_alibi;
 };
 
@@ -81,6 +82,7 @@ inline ffi::Error decode_forward_inputs(const ffi::AnyBuffer& q, const ffi::AnyB
   p->softcap = attrs.softcap;
   p->window_left = attrs.window_left;
   p->window_right = attrs.window_right;
+  p->diagonal_offset = attrs.diagonal_offset;
   p->alibi_slopes = attrs.has_alibi ? alibi_slopes.typed_data() : nullptr;
   p->q = q.untyped_data();
   p->k = k.untyped_data();
