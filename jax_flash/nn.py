@@ -16,16 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_flash import _checks, _ffi
-from jax_flash.attention import flash_attn_func
-
-
-def _kernel_attention(q, k, v, *, softmax_scale, causal, window_size, softcap, diagonal_offset):
-    # Temporary: until jax_flash.attention._attention (with diagonal_offset) lands, the
-    # kernels only align masks bottom-right, which equals top-left when the lengths match;
-    # _fallback_reason sends masked calls with unequal lengths to XLA meanwhile.
-    assert diagonal_offset == 0 and (q.shape[1] == k.shape[1] or (not causal and window_size == (-1, -1)))
-    return flash_attn_func(q, k, v, softmax_scale=softmax_scale, causal=causal,
-                           window_size=window_size, softcap=softcap)
+from jax_flash.attention import _attention as _kernel_attention
 
 
 class FallbackWarning(UserWarning):
@@ -128,7 +119,7 @@ def _static_scale(scale, head_dim):
 
 
 def _fallback_reason(query, head_dim, scale_value, bias, mask, query_seq_lengths,
-                     key_value_seq_lengths, window, is_causal, seqlen_k):
+                     key_value_seq_lengths, window):
     """Why the kernels cannot compute this call, or None when they can."""
     if bias is not None:
         return "a dense `bias` has no kernel equivalent (ALiBi has one: flash_attn_func's alibi_slopes)"
@@ -151,8 +142,6 @@ def _fallback_reason(query, head_dim, scale_value, bias, mask, query_seq_lengths
         return "a traced `scale` (the kernels take it as a static number)"
     if window is not None and min(window) < 0:
         return f"a negative local_window_size {window} (the kernels read -1 as unbounded)"
-    if (is_causal or window is not None) and query.shape[-3] != seqlen_k:
-        return "top-left masks with seqlen_q != seqlen_k (pending the diagonal_offset kernel attribute)"
     return None
 
 
@@ -243,7 +232,7 @@ def attend(query, key, value, bias=None, mask=None, *, scale=None, is_causal=Fal
     head_dim = query.shape[-1]
     scale_value = _static_scale(scale, head_dim)
     reason = _fallback_reason(query, head_dim, scale_value, bias, mask, query_seq_lengths,
-                              key_value_seq_lengths, window, is_causal, key.shape[-3])
+                              key_value_seq_lengths, window)
     if reason is None:
         out = _kernel_path(_to_4d(query), _to_4d(key), _to_4d(value), scale_value,
                            bool(is_causal), window, softcap)
