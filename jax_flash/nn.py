@@ -216,6 +216,16 @@ def _plain_softcapped_attention(query, key, value, bias, mask, scale, is_causal,
     return out
 
 
+def window_to_local_window(window_size, seqlen_q, seqlen_k):
+    """FlashAttention's (left, right) with -1 = unbounded as jax.nn's local_window_size
+    (None, or two non-negative ints): an unbounded side becomes a bound no key reaches."""
+    left, right = window_size
+    if left < 0 and right < 0:
+        return None
+    reach_everything = seqlen_q + seqlen_k
+    return (left if left >= 0 else reach_everything, right if right >= 0 else reach_everything)
+
+
 def _to_4d(x):
     return None if x is None else jnp.asarray(x)[None] if jnp.ndim(x) == 3 else jnp.asarray(x)
 

@@ -30,7 +30,7 @@ except ImportError as error:  # pragma: no cover - exercised only without flax i
     ) from error
 
 from jax_flash import _checks
-from jax_flash.nn import attend
+from jax_flash.nn import attend, window_to_local_window
 
 _default_kernel_init = nnx.initializers.lecun_normal()
 _NO_METADATA = MappingProxyType({})
@@ -41,16 +41,6 @@ def _first_set(*values):
         if value is not None:
             return value
     return None
-
-
-def window_to_local_window(window_size, seqlen_q, seqlen_k):
-    """FlashAttention's (left, right) with -1 = unbounded as jax.nn's local_window_size
-    (None, or two non-negative ints): an unbounded side becomes a bound no key reaches."""
-    left, right = window_size
-    if left < 0 and right < 0:
-        return None
-    reach_everything = seqlen_q + seqlen_k
-    return (left if left >= 0 else reach_everything, right if right >= 0 else reach_everything)
 
 
 def cached_attention(query, cached_key, cached_value, first_position, *, scale, softcap,
