@@ -6,6 +6,7 @@ from jax_flash.attention import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
 )
+from jax_flash.nn import FallbackWarning, dot_product_attention
 from jax_flash.reference import reference_attention
 from jax_flash.sequence_parallel import (
     ring_attention,
@@ -17,7 +18,9 @@ from jax_flash.sequence_parallel import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FallbackWarning",
     "HAS_CUDA_KERNELS",
+    "dot_product_attention",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
