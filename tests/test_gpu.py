@@ -150,3 +150,21 @@ def test_ring_attention_on_one_gpu_equals_the_op(causal):
     np.testing.assert_allclose(dq, expected_dq, rtol=2e-2, atol=1e-3 * np.abs(expected_dq).max())
     for g, e in zip(grads[1:], expected_grads[1:]):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
+
+
+@pytest.mark.parametrize("shape", [(2, 300, 500, 8, 2, 128), (2, 500, 300, 4, 4, 64)], ids=str)
+@pytest.mark.parametrize("masks", [dict(is_causal=True), dict(local_window_size=(64, 16)),
+                                   dict(is_causal=True, local_window_size=(100, 0))], ids=str)
+def test_dot_product_attention_matches_jax_nn(shape, masks):
+    """The drop-in jf.dot_product_attention (top-left masks, run by our kernels) against
+    jax.nn.dot_product_attention's XLA path: float32 'exact' and plain bf16."""
+    import warnings
+
+    q, k, v = random_qkv(sum(shape), *shape, jnp.bfloat16)
+    jax_nn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, implementation="xla", **masks))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to XLA would not test the kernels
+        ours = jax.jit(lambda q, k, v: jf.dot_product_attention(q, k, v, **masks))(q, k, v)
+    expected = exact(jax_nn, *(x.astype(jnp.float32) for x in (q, k, v)))
+    assert_within_twice_plain("out", ours, jax_nn(q, k, v), expected, jnp.bfloat16)
