@@ -14,7 +14,7 @@ MAX_DIAGONAL_OFFSET = 1 << 29  # the CUDA kernels' index arithmetic is 32-bit
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
 
 
-def _shape(x, name):
+def array_shape(x, name):
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     return tuple(x.shape)
@@ -22,7 +22,7 @@ def _shape(x, name):
 
 def check_qkv(q, k, v):
     """Returns (batch, seqlen_q, num_heads, head_dim, seqlen_k, num_heads_kv)."""
-    shapes = {name: _shape(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
+    shapes = {name: array_shape(x, name) for name, x in (("q", q), ("k", k), ("v", v))}
     for name, shape in shapes.items():
         if len(shape) != 4:
             raise ValueError(
@@ -134,7 +134,7 @@ def check_alibi_slopes(alibi_slopes, batch, num_heads):
     """Returns slopes as (batch, num_heads) float32, or None."""
     if alibi_slopes is None:
         return None
-    shape = _shape(alibi_slopes, "alibi_slopes")
+    shape = array_shape(alibi_slopes, "alibi_slopes")
     if jnp.dtype(alibi_slopes.dtype) != jnp.float32:
         raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
     if shape == (num_heads,):

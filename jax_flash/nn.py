@@ -41,15 +41,10 @@ def _warn_fallback_once(reason: str) -> None:
     )
 
 
-def _array_shape(x, name):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    return tuple(x.shape)
-
-
 def _check_inputs(query, key, value):
     """Rank, shape and dtype rules of jax.nn.dot_product_attention, with clear errors."""
-    shapes = {n: _array_shape(x, n) for n, x in (("query", query), ("key", key), ("value", value))}
+    named = (("query", query), ("key", key), ("value", value))
+    shapes = {name: _checks.array_shape(x, name) for name, x in named}
     rank = len(shapes["query"])
     if rank not in (3, 4):
         raise ValueError(

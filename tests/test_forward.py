@@ -48,20 +48,22 @@ def build_case(shape_name, mask_name, extra_name):
     return shape, case
 
 
-def check_forward(shape, case, dtype, seed=0):
+def check_forward(shape, case, dtype, seed=0, flash_fn=flash, reference_fn=reference):
+    """Returns the reference lse (float64) for callers with more to check."""
     q, k, v = random_qkv(seed, *shape, dtype)
     kwargs = attention_kwargs(case)
-    out, lse = flash(q, k, v, return_lse=True, **kwargs)
+    out, lse = flash_fn(q, k, v, return_lse=True, **kwargs)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == (shape[0], shape[3], shape[1]) and lse.dtype == jnp.float32
-    exact_out, exact_lse = reference(*map(to64, (q, k, v)), return_lse=True, **kwargs)
-    plain_out, plain_lse = reference(q, k, v, return_lse=True, **kwargs)
+    exact_out, exact_lse = reference_fn(*map(to64, (q, k, v)), return_lse=True, **kwargs)
+    plain_out, plain_lse = reference_fn(q, k, v, return_lse=True, **kwargs)
     assert_within_twice_plain("out", out, plain_out, exact_out, dtype)
     assert_within_twice_plain("lse", lse, plain_lse, exact_lse, jnp.float32)
     # Fully masked rows: zero output and lse = +inf, exactly.
     empty = np.isinf(np.asarray(exact_lse))
     np.testing.assert_array_equal(np.isinf(np.asarray(lse)), empty)
     assert np.all(np.asarray(to64(out)).transpose(0, 2, 1, 3)[empty] == 0)
+    return exact_lse
 
 
 @pytest.mark.parametrize("mask_name", MASKS)
