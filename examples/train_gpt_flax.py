@@ -108,6 +108,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--width", type=int, default=64, help="model width")
+    parser.add_argument("--num-heads", type=int, default=4, help="head_dim = width / heads")
+    parser.add_argument("--depth", type=int, default=2, help="number of blocks")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="largest allowed loss difference (default: 1e-3 in float32, "
                              "5e-2 in bfloat16)")
@@ -116,14 +119,16 @@ def main(argv=None):
     on_gpu = jax.default_backend() == "gpu"
     dtype = jnp.bfloat16 if on_gpu else jnp.float32
     tolerance = args.tolerance or (5e-2 if on_gpu else 1e-3)
-    build = functools.partial(GPT, seqlen=args.seqlen, dtype=dtype)
+    build = functools.partial(GPT, seqlen=args.seqlen, width=args.width,
+                              num_heads=args.num_heads, depth=args.depth, dtype=dtype)
     flash_model = build(attention=MultiHeadAttention, rngs=nnx.Rngs(0))
     plain_model = build(attention=nnx.MultiHeadAttention, rngs=nnx.Rngs(1))
     # Identical initial weights; copies, since each training loop donates its buffers.
     nnx.update(plain_model, jax.tree.map(jnp.copy, nnx.state(flash_model, nnx.Param)))
 
     print(f"backend: {jax.default_backend()}, dtype: {jnp.dtype(dtype).name}, "
-          f"{args.steps} steps of {args.batch_size} x {args.seqlen} tokens")
+          f"{args.steps} steps of {args.batch_size} x {args.seqlen} tokens, width "
+          f"{args.width}, {args.num_heads} heads, {args.depth} blocks")
     flash_losses, flash_speed = train(flash_model, args.steps, args.batch_size, args.seqlen,
                                       args.learning_rate)
     plain_losses, plain_speed = train(plain_model, args.steps, args.batch_size, args.seqlen,
