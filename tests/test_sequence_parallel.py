@@ -231,3 +231,33 @@ def test_ring_attention_example_runs():
     assert len(lines) == 2, result.stdout
     for line in lines:
         assert "on 8 cpu devices" in line and float(line.rsplit(" ", 1)[1]) < 1e-5, line
+
+
+def test_pmap_users():
+    """flash_attn_func under pmap, and ring_attention over a pmap axis, with gradients."""
+    n, seqlen = 4, 64
+    q, k, v = random_qkv(9, 1, seqlen, seqlen, 4, 2, 16, jnp.float32)
+    perm = jf.sequence_permutation(seqlen, n, "zigzag")
+    split = lambda x: jnp.swapaxes(x[:, perm].reshape(1, n, seqlen // n, *x.shape[2:]), 0, 1)  # noqa: E731
+    join = lambda x: jnp.swapaxes(x, 0, 1).reshape(1, seqlen, *x.shape[3:])[:, np.argsort(perm)]  # noqa: E731
+    devices = jax.devices("cpu")[:n]
+
+    def loss(q, k, v):
+        return jnp.sum(jf.ring_attention(q, k, v, "sp", causal=True) ** 2)
+
+    ring = jax.pmap(lambda q, k, v: jf.ring_attention(q, k, v, "sp", causal=True),
+                    axis_name="sp", devices=devices)
+    grads = jax.pmap(jax.grad(loss, argnums=(0, 1, 2)), axis_name="sp", devices=devices)(
+        split(q), split(k), split(v))
+    expected_grads = jax.grad(lambda q, k, v: jnp.sum(flash(q, k, v, causal=True) ** 2),
+                              argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(join(ring(split(q), split(k), split(v))),
+                               flash(q, k, v, causal=True), atol=2e-6)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(join(g), e, atol=2e-5)
+
+    batched = jax.pmap(lambda q, k, v: jf.flash_attn_func(q, k, v, causal=True), devices=devices)
+    per_device = [random_qkv(s, 2, 24, 24, 4, 2, 16, jnp.float32) for s in range(n)]
+    stacked = [jnp.stack(x) for x in zip(*per_device)]
+    for i, out in enumerate(batched(*stacked)):
+        np.testing.assert_array_equal(out, flash(*per_device[i], causal=True))
