@@ -46,3 +46,11 @@ def test_equinox_example():
     output = _run("equinox_example.py")
     assert "max |output difference|" in output
 
+
+
+def test_ring_attention_example():
+    output = _run("ring_attention.py", "--seqlen", str(8 * 64))  # it makes 8 CPU devices
+    lines = [line for line in output.splitlines() if "max |difference|" in line]
+    assert len(lines) == 2, output
+    for line in lines:
+        assert "on 8 cpu devices" in line and float(line.rsplit(" ", 1)[1]) < 1e-5, line
