@@ -212,7 +212,7 @@ def test_errors():
     with pytest.raises(ValueError, match="must be divisible by 2 for layout 'zigzag'"):
         jf.sequence_parallel_attention(q, k, v, mesh, "sp")
     q, k, v = random_qkv(0, 1, 32, 32, 4, 3, 16, jnp.float32)
-    with pytest.raises(ValueError):  # 4 query heads, 3 kv heads: rejected by the op's checks
+    with pytest.raises(ValueError, match="must be a multiple of the number of key/value heads"):
         jf.sequence_parallel_attention(q, k, v, mesh, "sp")
 
 
