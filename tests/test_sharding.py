@@ -106,3 +106,26 @@ def test_unsupported_sharding_is_gathered_with_a_warning(spec, kv_spec, what):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(expected_out))
     for g, expected in zip(grads, gradient(q, k, v, slopes)):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(expected))
+
+
+def test_gspmd_partitioner_too():
+    """The rules also serve the older GSPMD partitioner (infer_sharding_from_operands)."""
+    if not hasattr(jax.config, "jax_use_shardy_partitioner"):
+        pytest.skip("this jax has no GSPMD partitioner switch")
+    previous = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", False)
+    try:
+        spec = SPECS["batch_and_heads"]
+        q, k, v = random_qkv(3, 8, 40, 40, 4, 2, 16, jnp.float32)
+        slopes = alibi_slopes_for(4, batch=8)
+        sq, sk, sv = place(spec, q, k, v)
+        (sslopes,) = place(P(spec[0], spec[2]), slopes)
+        fwd = jax.jit(lambda *a: forward(*a))  # a fresh function: compiled under GSPMD
+        grad = jax.jit(lambda *a: gradient(*a))
+        assert collectives_in(fwd, sq, sk, sv, sslopes) == []
+        assert collectives_in(grad, sq, sk, sv, sslopes) == []
+        out, _ = fwd(sq, sk, sv, sslopes)
+        assert spec_of(out, 4) == spec_of(sq, 4)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(forward(q, k, v, slopes)[0]))
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", previous)
