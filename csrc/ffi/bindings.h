@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <utility>
 
+#include "ffi/decode_params.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace jax_flash::ffi_glue {
@@ -39,15 +40,10 @@ auto bind_backward_operands(Binding binding) {
       .template Ret<ffi::AnyBuffer>();                  // dv
 }
 
-// The scalars, in the order of ScalarAttributes.
+// The scalars, decoded by name into one ScalarAttributes.
 template <typename Binding>
 auto bind_attributes(Binding binding) {
-  return std::move(binding).template Attr<float>("softmax_scale")
-      .template Attr<float>("softcap")
-      .template Attr<int64_t>("window_left")
-      .template Attr<int64_t>("window_right")
-      .template Attr<int64_t>("diagonal_offset")
-      .template Attr<bool>("has_alibi");
+  return std::move(binding).template Attrs<ScalarAttributes>();
 }
 
 }  // namespace jax_flash::ffi_glue

@@ -57,14 +57,10 @@ cpu::ParallelFor make_parallel_for(ffi::ThreadPool& pool) {
 
 ffi::Error forward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                        ffi::Buffer<ffi::F32> alibi_slopes, ffi::Result<ffi::AnyBuffer> out,
-                       ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale, float softcap,
-                       int64_t window_left, int64_t window_right, int64_t diagonal_offset,
-                       bool has_alibi) {
+                       ffi::Result<ffi::Buffer<ffi::F32>> lse, const ScalarAttributes& attrs) {
   AttentionParams p;
-  const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right,
-                               diagonal_offset, has_alibi};
-  if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, &p); e.failure()) return e;
-  if (auto e = decode_forward_results(q, *out, *lse, &p); e.failure()) return e;
+  if (auto e = decode_forward(q, k, v, alibi_slopes, attrs, *out, *lse, &p); e.failure())
+    return e;
   poison_if_requested(*out, *lse);
   cpu::attention_forward(p, make_parallel_for(pool));
   return ffi::Error::Success();
@@ -74,15 +70,12 @@ ffi::Error backward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
                         ffi::AnyBuffer out, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
                         ffi::Buffer<ffi::F32> dlse, ffi::Buffer<ffi::F32> alibi_slopes,
                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
-                        ffi::Result<ffi::AnyBuffer> dv, float softmax_scale, float softcap,
-                        int64_t window_left, int64_t window_right, int64_t diagonal_offset,
-                        bool has_alibi) {
+                        ffi::Result<ffi::AnyBuffer> dv, const ScalarAttributes& attrs) {
   AttentionParams p;
-  const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right,
-                               diagonal_offset, has_alibi};
-  if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, &p); e.failure()) return e;
-  if (auto e = decode_backward_operands(q, out, dout, lse, dlse, &p); e.failure()) return e;
-  if (auto e = decode_gradients(q, k, v, *dq, *dk, *dv, &p); e.failure()) return e;
+  if (auto e = decode_backward(q, k, v, out, dout, lse, dlse, alibi_slopes, attrs, *dq, *dk, *dv,
+                               &p);
+      e.failure())
+    return e;
   poison_if_requested(*dq, *dk, *dv);
   cpu::attention_backward(p, make_parallel_for(pool));
   return ffi::Error::Success();

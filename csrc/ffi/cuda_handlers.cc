@@ -40,14 +40,10 @@ ffi::Error poison_if_requested(cudaStream_t stream, const Buffers&... buffers) {
 
 ffi::Error forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::Buffer<ffi::F32> alibi_slopes, ffi::Result<ffi::AnyBuffer> out,
-                        ffi::Result<ffi::Buffer<ffi::F32>> lse, float softmax_scale,
-                        float softcap, int64_t window_left, int64_t window_right,
-                        int64_t diagonal_offset, bool has_alibi) {
+                        ffi::Result<ffi::Buffer<ffi::F32>> lse, const ScalarAttributes& attrs) {
   AttentionParams p;
-  const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right,
-                               diagonal_offset, has_alibi};
-  if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, &p); e.failure()) return e;
-  if (auto e = decode_forward_results(q, *out, *lse, &p); e.failure()) return e;
+  if (auto e = decode_forward(q, k, v, alibi_slopes, attrs, *out, *lse, &p); e.failure())
+    return e;
   if (auto e = poison_if_requested(stream, *out, *lse); e.failure()) return e;
   return to_ffi_error(cuda::flash_forward(p, stream));
 }
@@ -58,15 +54,12 @@ ffi::Error backward_cuda(cudaStream_t stream, ffi::AnyBuffer q,
                          ffi::Buffer<ffi::F32> dlse, ffi::Buffer<ffi::F32> alibi_slopes,
                          ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                          ffi::Result<ffi::AnyBuffer> dv,
-                         ffi::Result<ffi::Buffer<ffi::U8>> workspace_buffer, float softmax_scale,
-                         float softcap, int64_t window_left, int64_t window_right,
-                         int64_t diagonal_offset, bool has_alibi) {
+                         ffi::Result<ffi::Buffer<ffi::U8>> workspace_buffer, const ScalarAttributes& attrs) {
   AttentionParams p;
-  const ScalarAttributes attrs{softmax_scale, softcap, window_left, window_right,
-                               diagonal_offset, has_alibi};
-  if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, &p); e.failure()) return e;
-  if (auto e = decode_backward_operands(q, out, dout, lse, dlse, &p); e.failure()) return e;
-  if (auto e = decode_gradients(q, k, v, *dq, *dk, *dv, &p); e.failure()) return e;
+  if (auto e = decode_backward(q, k, v, out, dout, lse, dlse, alibi_slopes, attrs, *dq, *dk, *dv,
+                               &p);
+      e.failure())
+    return e;
   if (auto e = poison_if_requested(stream, *dq, *dk, *dv); e.failure()) return e;
 
   // The workspace is an extra result, so XLA's own allocator plans it like any buffer.

@@ -14,7 +14,9 @@ namespace jax_flash::ffi_glue {
 
 namespace ffi = xla::ffi;
 
-// Scalars of the op, passed as FFI attributes by the one ffi_call wrapper in Python.
+// Scalars of the op, passed as FFI attributes by the one ffi_call wrapper in Python and
+// decoded by name into this struct (registered at the end of this file), so a new scalar
+// is added here, in the registration and in KernelConfig, and nowhere else.
 struct ScalarAttributes {
   float softmax_scale;
   float softcap;
@@ -140,4 +142,36 @@ inline ffi::Error decode_gradients(const ffi::AnyBuffer& q, const ffi::AnyBuffer
   return ffi::Error::Success();
 }
 
+// Everything a forward call needs: inputs, scalars and results.
+inline ffi::Error decode_forward(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                                 const ffi::AnyBuffer& v,
+                                 const ffi::Buffer<ffi::F32>& alibi_slopes,
+                                 const ScalarAttributes& attrs, ffi::AnyBuffer& out,
+                                 ffi::Buffer<ffi::F32>& lse, AttentionParams* p) {
+  if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, p); e.failure()) return e;
+  return decode_forward_results(q, out, lse, p);
+}
+
+// Everything a backward call needs: the forward's inputs and outputs, the cotangents, the
+// scalars and the gradients.
+inline ffi::Error decode_backward(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
+                                  const ffi::AnyBuffer& v, const ffi::AnyBuffer& out,
+                                  const ffi::AnyBuffer& dout, const ffi::Buffer<ffi::F32>& lse,
+                                  const ffi::Buffer<ffi::F32>& dlse,
+                                  const ffi::Buffer<ffi::F32>& alibi_slopes,
+                                  const ScalarAttributes& attrs, ffi::AnyBuffer& dq,
+                                  ffi::AnyBuffer& dk, ffi::AnyBuffer& dv, AttentionParams* p) {
+  if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, p); e.failure()) return e;
+  if (auto e = decode_backward_operands(q, out, dout, lse, dlse, p); e.failure()) return e;
+  return decode_gradients(q, k, v, dq, dk, dv, p);
+}
+
 }  // namespace jax_flash::ffi_glue
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_flash::ffi_glue::ScalarAttributes,
+                                      xla::ffi::StructMember<float>("softmax_scale"),
+                                      xla::ffi::StructMember<float>("softcap"),
+                                      xla::ffi::StructMember<int64_t>("window_left"),
+                                      xla::ffi::StructMember<int64_t>("window_right"),
+                                      xla::ffi::StructMember<int64_t>("diagonal_offset"),
+                                      xla::ffi::StructMember<bool>("has_alibi"));
