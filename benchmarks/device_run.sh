@@ -8,6 +8,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
 mkdir -p "$OUT"
+# Tests poison every kernel output first (NaN where a kernel forgets to write); benchmarks
+# must not pay for that fill, and bench_attention.py turns it off itself.
 export PYTHONUNBUFFERED=1 JAX_FLASH_POISON_OUTPUTS=1
 PY=${PY:-python3}
 ROOT=$(pwd)
