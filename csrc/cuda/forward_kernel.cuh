@@ -50,13 +50,17 @@ struct ForwardTiles {
 
 // Tile shapes per head-dim class. Warps own 32 query rows where registers allow (each K/V
 // fragment read from shared memory feeds two mmas); head dim 256 needs 16 rows per warp to
-// fit O in registers, and takes 64 keys per step with the staggered pipeline. Shared
-// memory: 24 KB, 48 KB, 96 KB, 128 KB; registers allow two 4-warp CTAs per SM.
+// fit O in registers, and takes 64 keys per step with the staggered pipeline. Every class
+// runs 4-warp CTAs, two per SM (registers cap at 255 either way): head dim 256 as 64 query
+// rows with 96 KB of shared memory rather than one 8-warp CTA of 128 rows, so that one
+// CTA's barriers and softmax overlap the other's mmas. Head dim 64 takes 128 keys per
+// step: half the barriers and softmax bookkeeping per key. Shared memory: 24 KB, 80 KB,
+// 96 KB, 96 KB.
 template <int kHeadDimClass> struct ForwardConfig;
 template <> struct ForwardConfig<32> : ForwardTiles<32, 128, 64, 4, 2> {};
-template <> struct ForwardConfig<64> : ForwardTiles<64, 128, 64, 4, 2> {};
+template <> struct ForwardConfig<64> : ForwardTiles<64, 128, 128, 4, 2> {};
 template <> struct ForwardConfig<128> : ForwardTiles<128, 128, 64, 4, 2> {};
-template <> struct ForwardConfig<256> : ForwardTiles<256, 128, 64, 8, 1> {};
+template <> struct ForwardConfig<256> : ForwardTiles<256, 64, 64, 4, 1> {};
 
 template <class Config, typename Element, bool kHasWindow>
 __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)

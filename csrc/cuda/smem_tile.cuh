@@ -40,27 +40,34 @@ struct SwizzledTile {
 // the tile is copied element by element, synchronously.
 //
 // Each thread always copies the same 16-byte column chunk of rows thread / kChunksPerRow
-// + i * kRowStep. kRowStep is a multiple of 8, so the swizzle is the same for all of a
+// + i * kRowStep. When kRowStep is a multiple of 8 the swizzle is the same for all of a
 // thread's rows: one shared address plus immediates, one global pointer plus a stride.
+// Wide tiles with few threads (kRowStep of 1, 2 or 4) cycle through 8 / kRowStep swizzles,
+// one precomputed address each.
 template <class Tile, int kThreads, typename Element>
 __device__ __forceinline__ void load_tile(Element* smem, const Element* gmem, int64_t row_stride,
                                           int valid_rows, int valid_cols, bool vectorized,
                                           int thread) {
   static_assert(kThreads % Tile::kChunksPerRow == 0, "threads cover whole rows");
   constexpr int kRowStep = kThreads / Tile::kChunksPerRow;
-  static_assert(kRowStep % 8 == 0 && Tile::kRows % kRowStep == 0, "rows step in swizzle periods");
+  static_assert(kRowStep % 8 == 0 || 8 % kRowStep == 0, "rows step evenly through swizzles");
+  static_assert(Tile::kRows % kRowStep == 0, "threads cover whole tiles");
   constexpr int kIterations = Tile::kRows / kRowStep;
+  constexpr int kPeriod = kRowStep >= 8 ? 1 : 8 / kRowStep;  // iterations per swizzle cycle
+  static_assert(kIterations % kPeriod == 0, "tiles are made of whole swizzle cycles");
   const int first_row = thread / Tile::kChunksPerRow;
   const int col = (thread % Tile::kChunksPerRow) * 8;
-  const int dst = Tile::offset(first_row, col);
   const Element* src = gmem + first_row * row_stride + col;
   if (vectorized) {
-    const uint32_t dst_address = shared_address(smem + dst);
+    uint32_t dst_address[kPeriod];
+#pragma unroll
+    for (int phase = 0; phase < kPeriod; ++phase)
+      dst_address[phase] = shared_address(smem + Tile::offset(first_row + phase * kRowStep, col));
 #pragma unroll
     for (int i = 0; i < kIterations; ++i) {
       const bool inside = first_row + i * kRowStep < valid_rows && col < valid_cols;
       // An out-of-range copy reads 0 bytes; the tile start is still a valid address.
-      cp_async_16(dst_address + i * kRowStep * Tile::kCols * 2,
+      cp_async_16(dst_address[i % kPeriod] + (i / kPeriod) * kPeriod * kRowStep * Tile::kCols * 2,
                   inside ? src + i * kRowStep * row_stride : gmem, inside ? 16 : 0);
     }
   } else {
@@ -77,7 +84,7 @@ __device__ __forceinline__ void load_tile(Element* smem, const Element* gmem, in
       packed.y = values[2] | (uint32_t{values[3]} << 16);
       packed.z = values[4] | (uint32_t{values[5]} << 16);
       packed.w = values[6] | (uint32_t{values[7]} << 16);
-      *reinterpret_cast<uint4*>(smem + dst + i * kRowStep * Tile::kCols) = packed;
+      *reinterpret_cast<uint4*>(smem + Tile::offset(row, col)) = packed;
     }
   }
 }
