@@ -7,7 +7,10 @@
 //   A  Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (keys x queries); Pᵀ = exp(Sᵀ - lse) recomputed from the
 //      forward's lse; dSᵀ = Pᵀ (dPᵀ - delta) (softcap') scale. Pᵀ and dSᵀ go to shared memory
 //      as 16-bit values.
-//   B  dV += Pᵀ dO and dK += dSᵀ Q (keys x head_dim), accumulators in registers.
+//   B  dV += Pᵀ dO on half the warps and dK += dSᵀ Q on the other half (keys x head_dim),
+//      accumulators in registers. Each warp owns a tile of one of the two, twice as wide as
+//      if every warp held a piece of both: each fragment read from shared memory feeds
+//      twice the mmas, and shared-memory bandwidth is what bounds this kernel.
 //   C  dQ_partial = dS K (queries x head_dim), added into a float32 workspace with atomics.
 //      (Running C before B, so that the reductions drain during B, measured 4-5% slower at
 //      8k on the H100.)
@@ -49,9 +52,10 @@ struct BackwardTiles {
   static constexpr int kKeysA = kBlockN / kWarpsAlongKeysA;
   static constexpr int kQueriesA = kBlockM / (kWarps / kWarpsAlongKeysA);
   static constexpr int kMTilesA = kKeysA / 16, kNTilesA = kQueriesA / 8;
-  // Phase B: warp tile of dK / dV, keys x head_dim.
+  // Phase B: warp tile of dV (warps [0, kWarps / 2)) or dK (the rest), keys x head_dim;
+  // kWarpsAlongKeysB of each half's warps along the keys.
   static constexpr int kKeysB = kBlockN / kWarpsAlongKeysB;
-  static constexpr int kColsB = kHeadDim / (kWarps / kWarpsAlongKeysB);
+  static constexpr int kColsB = kHeadDim / (kWarps / 2 / kWarpsAlongKeysB);
   static constexpr int kMTilesB = kKeysB / 16, kNTilesB = kColsB / 8;
   // Phase C: warp tile of dQ, queries x head_dim.
   static constexpr int kQueriesC = kBlockM / kWarpsAlongQueriesC;
@@ -72,15 +76,22 @@ struct BackwardTiles {
   static_assert(kStages == 1 || kStages == 2, "single or double buffered");
 };
 
-// Tile shapes per head-dim class (8 warps; one CTA per SM, limited by registers):
-// shared memory 65 KB, 97 KB, 161 KB, 145 KB. Head dim 256 takes 64 keys per CTA and a
-// single Q/dO buffer to stay under the 163 KB sm80 limit. (128 queries per step at head dim
-// 64 measured no faster on the H100 and needs 162 KB.)
+// Tile shapes per head-dim class (8 warps; one CTA per SM, limited by registers), for GPUs
+// with the 227 KB of shared memory per CTA of sm90: 65 KB, 162 KB, 161 KB, 209 KB. Head dim
+// 64 takes 128 queries per step (wider phase A tiles: fewer shared-memory bytes per mma);
+// head dim 256 takes 64 keys per CTA and double buffers Q and dO.
 template <int kHeadDimClass> struct BackwardConfig;
 template <> struct BackwardConfig<32> : BackwardTiles<32, 128, 64, 8, 4, 4, 4, 2> {};
-template <> struct BackwardConfig<64> : BackwardTiles<64, 128, 64, 8, 4, 4, 4, 2> {};
+template <> struct BackwardConfig<64> : BackwardTiles<64, 128, 128, 8, 4, 4, 4, 2> {};
 template <> struct BackwardConfig<128> : BackwardTiles<128, 128, 64, 8, 4, 4, 2, 2> {};
-template <> struct BackwardConfig<256> : BackwardTiles<256, 64, 64, 8, 4, 2, 2, 1> {};
+template <> struct BackwardConfig<256> : BackwardTiles<256, 64, 64, 8, 4, 2, 2, 2> {};
+
+// Where the GPU has less shared memory (sm80: 163 KB, sm86/89: 99 KB), the launcher falls
+// back to these: head dim 64 with 64 queries per step (97 KB), head dim 256 with single
+// buffered Q and dO (145 KB). Head dim 128 has no smaller shape.
+template <int kHeadDimClass> struct BackwardSmallSmem { using Config = BackwardConfig<kHeadDimClass>; };
+template <> struct BackwardSmallSmem<64> { using Config = BackwardTiles<64, 128, 64, 8, 4, 4, 4, 2>; };
+template <> struct BackwardSmallSmem<256> { using Config = BackwardTiles<256, 64, 64, 8, 4, 2, 2, 1>; };
 
 template <class Config, typename Element, bool kHasWindow>
 __global__ void __launch_bounds__(Config::kThreads, 1)
@@ -163,16 +174,18 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   // Warp tile origins of the three phases.
   const int key0_a = (warp % Config::kWarpsAlongKeysA) * Config::kKeysA;
   const int query0_a = (warp / Config::kWarpsAlongKeysA) * Config::kQueriesA;
-  const int key0_b = (warp % Config::kWarpsAlongKeysB) * Config::kKeysB;
-  const int col0_b = (warp / Config::kWarpsAlongKeysB) * Config::kColsB;
+  const bool dk_warp = warp >= Config::kWarps / 2;
+  const int warp_b = dk_warp ? warp - Config::kWarps / 2 : warp;
+  const int key0_b = (warp_b % Config::kWarpsAlongKeysB) * Config::kKeysB;
+  const int col0_b = (warp_b / Config::kWarpsAlongKeysB) * Config::kColsB;
+  // Phase B operands of this warp: Pᵀ and dO for dV, dSᵀ and Q for dK.
+  const uint32_t a_base_b = dk_warp ? ds_base : p_base;
   const int query0_c = (warp % Config::kWarpsAlongQueriesC) * Config::kQueriesC;
   const int col0_c = (warp / Config::kWarpsAlongQueriesC) * Config::kColsC;
   const int g = lane >> 2, t = lane & 3;
 
-  float acc_dk[Config::kMTilesB][Config::kNTilesB][4];
-  float acc_dv[Config::kMTilesB][Config::kNTilesB][4];
-  zero(acc_dk);
-  zero(acc_dv);
+  float acc_dkv[Config::kMTilesB][Config::kNTilesB][4];  // dK or dV, see dk_warp
+  zero(acc_dkv);
 
   for (int step = 0; step < num_steps; ++step) {
     const int s = Config::kStages == 2 ? (step & 1) : 0;
@@ -250,12 +263,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     }
     __syncthreads();
 
-    // ---- Phase B: dV += Pᵀ dO, dK += dSᵀ Q.
+    // ---- Phase B: dV += Pᵀ dO or dK += dSᵀ Q.
     auto phase_b = [&] {
       warp_gemm<Config::kMTilesB, Config::kNTilesB, kBlockM, PTile, KOrder::kContiguous, QTile,
-                KOrder::kStrided, kBF16>(acc_dv, p_base, key0_b, do_base, col0_b, lane);
-      warp_gemm<Config::kMTilesB, Config::kNTilesB, kBlockM, PTile, KOrder::kContiguous, QTile,
-                KOrder::kStrided, kBF16>(acc_dk, ds_base, key0_b, q_base, col0_b, lane);
+                KOrder::kStrided, kBF16>(acc_dkv, a_base_b, key0_b, dk_warp ? q_base : do_base,
+                                         col0_b, lane);
     };
 
     // ---- Phase C: dQ += dS K, accumulated in float32 across key blocks by atomics.
@@ -284,13 +296,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   cp_async_wait<0>();
 
   // dK and dV of this key block, summed over the group; zero if no query sees these keys.
-  Element* dk = static_cast<Element*>(p.dk) + batch * p.k_strides.batch +
-                (key0 + key0_b) * p.k_strides.row + head_kv * p.k_strides.head + col0_b;
-  Element* dv = static_cast<Element*>(p.dv) + batch * p.v_strides.batch +
-                (key0 + key0_b) * p.v_strides.row + head_kv * p.v_strides.head + col0_b;
-  store_tile<Element>(acc_dk, dk, p.k_strides.row, valid_keys - key0_b, head_dim - col0_b,
-                      vectorized, lane);
-  store_tile<Element>(acc_dv, dv, p.v_strides.row, valid_keys - key0_b, head_dim - col0_b,
+  const TensorStrides& strides = dk_warp ? p.k_strides : p.v_strides;
+  Element* dkv = static_cast<Element*>(dk_warp ? p.dk : p.dv) + batch * strides.batch +
+                 (key0 + key0_b) * strides.row + head_kv * strides.head + col0_b;
+  store_tile<Element>(acc_dkv, dkv, strides.row, valid_keys - key0_b, head_dim - col0_b,
                       vectorized, lane);
 }
 

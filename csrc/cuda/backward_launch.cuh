@@ -6,27 +6,39 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <type_traits>
 
 #include "cuda/backward_kernel.cuh"
 #include "cuda/launch.h"
 
 namespace jax_flash::cuda {
 
-template <int kHeadDimClass, typename Element>
-Status launch_backward_sm80(const AttentionParams& p, const BackwardWorkspace& workspace,
-                            const LaunchOptions& options, cudaStream_t stream) {
-  using Config = BackwardConfig<kHeadDimClass>;
+template <class Config, typename Element>
+Status launch_backward_config(const AttentionParams& p, const BackwardWorkspace& workspace,
+                              const LaunchOptions& options, cudaStream_t stream) {
   constexpr int kSmem = Config::kSmemBytes;
   auto kernel = p.has_window() ? backward_kernel_sm80<Config, Element, true>
                                : backward_kernel_sm80<Config, Element, false>;
   if (Status s = allow_shared_memory(kernel, kSmem, options,
-                                     "head_dim " + std::to_string(kHeadDimClass) + " backward");
+                                     "head_dim " + std::to_string(Config::kHeadDim) + " backward");
       !s.ok())
     return s;
   const dim3 grid(static_cast<unsigned>((p.seqlen_k + Config::kBlockN - 1) / Config::kBlockN),
                   static_cast<unsigned>(p.num_heads_kv), static_cast<unsigned>(p.batch));
   kernel<<<grid, Config::kThreads, kSmem, stream>>>(p, workspace, options.vectorized);
   return Status::FromCuda(cudaGetLastError(), "launching the backward kernel");
+}
+
+template <int kHeadDimClass, typename Element>
+Status launch_backward_sm80(const AttentionParams& p, const BackwardWorkspace& workspace,
+                            const LaunchOptions& options, cudaStream_t stream) {
+  using Config = BackwardConfig<kHeadDimClass>;
+  using Fallback = typename BackwardSmallSmem<kHeadDimClass>::Config;
+  if constexpr (!std::is_same_v<Config, Fallback>) {
+    if (Config::kSmemBytes > options.max_smem_per_block)
+      return launch_backward_config<Fallback, Element>(p, workspace, options, stream);
+  }
+  return launch_backward_config<Config, Element>(p, workspace, options, stream);
 }
 
 }  // namespace jax_flash::cuda

@@ -6,7 +6,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <mutex>
 #include <string>
@@ -168,6 +170,14 @@ Status launch_options(const AttentionParams& p, bool backward, Architecture* arc
   if (Status s = architecture_of(device, architecture); !s.ok()) return s;
   options->vectorized = vectorizable(p, backward);
   options->max_smem_per_block = device.max_smem_per_block;
+  // Test aid: JAX_FLASH_CUDA_SMEM_LIMIT=<bytes> caps the shared memory the launchers may
+  // use, so that the tile shapes chosen for GPUs with less of it (sm80, sm86/89) run and
+  // are tested on a Hopper GPU.
+  static const int limit = [] {
+    const char* value = std::getenv("JAX_FLASH_CUDA_SMEM_LIMIT");
+    return value != nullptr ? std::atoi(value) : 0;
+  }();
+  if (limit > 0) options->max_smem_per_block = std::min(options->max_smem_per_block, limit);
   return Status::Ok();
 }
 
