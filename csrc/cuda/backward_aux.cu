@@ -1,8 +1,11 @@
 // The memory-bound kernels around the main backward kernel, independent of head_dim:
-//   preprocess: dq_accum = 0 (a memset), delta = rowsum(dout * out) - dlse per query row;
+//   preprocess: delta = rowsum(dout * out) - dlse per query row, and dq_accum = 0 (zeroed
+//               here rather than by a separate memset pass);
 //   finish:     dq = dq_accum converted to the element type.
-// Both put one warp on one (batch, head, query) row, lanes striding over head_dim (16 bytes
-// at a time where alignment allows), so any head_dim and any strides work and global
+// Each (batch, head, query) row belongs to a group of lanes of one warp, the smallest power
+// of two that covers head_dim in 16-byte pieces (8 lanes at head_dim 64, 32 from 256 on),
+// so that small head dims still keep every lane busy. Any head_dim and any strides work
+// (element by element, one row per warp, where rows are not 16-byte aligned), and global
 // accesses stay coalesced within the row.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -19,19 +22,33 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 
+// Lanes per row: 32 for the element-by-element path, else the 16-byte pieces of a row
+// rounded up to a power of two.
+int lanes_per_row(const AttentionParams& p, bool vectorized) {
+  if (!vectorized) return 32;
+  int lanes = 1;
+  while (lanes < 32 && lanes * 8 < p.head_dim) lanes *= 2;
+  return lanes;
+}
+
 struct RowIndex {
   int64_t row;    // (batch * num_heads + head) * seqlen_q + query: the lse / delta index
   int64_t batch, head, query;
+  int lane;       // this thread's lane within the row's group
+  bool valid;     // false for the lanes of a last group past the end (they still shuffle)
 };
 
-__device__ __forceinline__ bool warp_row(const AttentionParams& p, RowIndex* index) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (row >= p.batch * p.num_heads * p.seqlen_q) return false;
-  index->row = row;
-  index->query = row % p.seqlen_q;
-  index->head = (row / p.seqlen_q) % p.num_heads;
-  index->batch = row / (p.seqlen_q * p.num_heads);
-  return true;
+__device__ __forceinline__ RowIndex group_row(const AttentionParams& p, int lanes) {
+  RowIndex index;
+  const int lane = threadIdx.x % 32;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  index.row = warp * (32 / lanes) + lane / lanes;
+  index.lane = lane % lanes;
+  index.valid = index.row < p.batch * p.num_heads * p.seqlen_q;
+  index.query = index.row % p.seqlen_q;
+  index.head = (index.row / p.seqlen_q) % p.num_heads;
+  index.batch = index.row / (p.seqlen_q * p.num_heads);
+  return index;
 }
 
 // Eight 16-bit values from a 16-byte aligned address, as float32.
@@ -43,36 +60,43 @@ __device__ __forceinline__ void load8(const Element* src, float (&out)[8]) {
   for (int i = 0; i < 8; ++i) out[i] = ElementTraits<Element>::to_float(e[i]);
 }
 
-// `vectorized`: head_dim % 8 == 0 and every row of out and dout starts 16-byte aligned.
+// `vectorized`: head_dim % 8 == 0 and every row of out and dout starts 16-byte aligned
+// (the float32 accumulator rows are then 32-byte aligned).
 template <typename Element>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
     backward_preprocess_kernel(const __grid_constant__ AttentionParams p, float* delta,
-                               bool vectorized) {
+                               float* dq_accum, int lanes, bool vectorized) {
   using Traits = ElementTraits<Element>;
-  RowIndex at;
-  if (!warp_row(p, &at)) return;
-  const int lane = threadIdx.x % 32;
-  const int64_t offset = at.batch * p.out_strides.batch + at.query * p.out_strides.row +
-                         at.head * p.out_strides.head;
-  const Element* out = static_cast<const Element*>(p.out) + offset;
-  const Element* dout = static_cast<const Element*>(p.dout) + offset;
+  const RowIndex at = group_row(p, lanes);
   float sum = 0.0f;
-  if (vectorized) {
-    for (int64_t c = 8 * lane; c < p.head_dim; c += 8 * 32) {
-      float o[8], g[8];
-      load8(out + c, o);
-      load8(dout + c, g);
+  if (at.valid) {
+    const int64_t offset = at.batch * p.out_strides.batch + at.query * p.out_strides.row +
+                           at.head * p.out_strides.head;
+    const Element* out = static_cast<const Element*>(p.out) + offset;
+    const Element* dout = static_cast<const Element*>(p.dout) + offset;
+    float* dq_row = dq_accum + at.row * p.head_dim;
+    if (vectorized) {
+      for (int64_t c = 8 * at.lane; c < p.head_dim; c += 8 * lanes) {
+        float o[8], g[8];
+        load8(out + c, o);
+        load8(dout + c, g);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) sum += o[i] * g[i];
+        for (int i = 0; i < 8; ++i) sum += o[i] * g[i];
+        const float4 zero = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        *reinterpret_cast<float4*>(dq_row + c) = zero;
+        *reinterpret_cast<float4*>(dq_row + c + 4) = zero;
+      }
+    } else {
+      for (int64_t c = at.lane; c < p.head_dim; c += lanes) {
+        sum += Traits::to_float(out[c]) * Traits::to_float(dout[c]);
+        dq_row[c] = 0.0f;
+      }
     }
-  } else {
-    for (int64_t c = lane; c < p.head_dim; c += 32)
-      sum += Traits::to_float(out[c]) * Traits::to_float(dout[c]);
   }
-#pragma unroll
-  for (int offset_lanes = 16; offset_lanes > 0; offset_lanes /= 2)
+  // Groups are aligned power-of-two lane ranges, so these shuffles stay inside the group.
+  for (int offset_lanes = lanes / 2; offset_lanes > 0; offset_lanes /= 2)
     sum += __shfl_xor_sync(0xffffffffu, sum, offset_lanes);
-  if (lane == 0) delta[at.row] = sum - p.dlse[at.row];
+  if (at.valid && at.lane == 0) delta[at.row] = sum - p.dlse[at.row];
 }
 
 // `vectorized`: head_dim % 8 == 0 and every row of dq starts 16-byte aligned (the float32
@@ -80,16 +104,15 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
 template <typename Element>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
     backward_finish_dq_kernel(const __grid_constant__ AttentionParams p, const float* dq_accum,
-                              bool vectorized) {
+                              int lanes, bool vectorized) {
   using Traits = ElementTraits<Element>;
-  RowIndex at;
-  if (!warp_row(p, &at)) return;
-  const int lane = threadIdx.x % 32;
+  const RowIndex at = group_row(p, lanes);
+  if (!at.valid) return;
   Element* dq = static_cast<Element*>(p.dq) + at.batch * p.q_strides.batch +
                 at.query * p.q_strides.row + at.head * p.q_strides.head;
   const float* dq_row = dq_accum + at.row * p.head_dim;
   if (vectorized) {
-    for (int64_t c = 8 * lane; c < p.head_dim; c += 8 * 32) {
+    for (int64_t c = 8 * at.lane; c < p.head_dim; c += 8 * lanes) {
       const float4 lo = *reinterpret_cast<const float4*>(dq_row + c);
       const float4 hi = *reinterpret_cast<const float4*>(dq_row + c + 4);
       *reinterpret_cast<uint4*>(dq + c) =
@@ -97,13 +120,14 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
                      Traits::pack(hi.z, hi.w));
     }
   } else {
-    for (int64_t c = lane; c < p.head_dim; c += 32) dq[c] = Traits::from_float(dq_row[c]);
+    for (int64_t c = at.lane; c < p.head_dim; c += lanes) dq[c] = Traits::from_float(dq_row[c]);
   }
 }
 
-dim3 row_grid(const AttentionParams& p) {
+dim3 row_grid(const AttentionParams& p, int lanes) {
   const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
-  return dim3(static_cast<unsigned>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock));
+  const int64_t rows_per_block = kWarpsPerBlock * (32 / lanes);
+  return dim3(static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block));
 }
 
 }  // namespace
@@ -111,22 +135,18 @@ dim3 row_grid(const AttentionParams& p) {
 template <typename Element>
 Status launch_backward_preprocess(const AttentionParams& p, const BackwardWorkspace& workspace,
                                   bool vectorized, cudaStream_t stream) {
-  // dQ is accumulated by atomics into zeros.
-  if (Status s = Status::FromCuda(
-          cudaMemsetAsync(workspace.dq_accum, 0, workspace.dq_accum_bytes, stream),
-          "zeroing the dQ accumulator");
-      !s.ok())
-    return s;
-  backward_preprocess_kernel<Element><<<row_grid(p), 32 * kWarpsPerBlock, 0, stream>>>(
-      p, workspace.delta, vectorized);
+  const int lanes = lanes_per_row(p, vectorized);
+  backward_preprocess_kernel<Element><<<row_grid(p, lanes), 32 * kWarpsPerBlock, 0, stream>>>(
+      p, workspace.delta, workspace.dq_accum, lanes, vectorized);
   return Status::FromCuda(cudaGetLastError(), "launching the backward preprocess kernel");
 }
 
 template <typename Element>
 Status launch_backward_finish_dq(const AttentionParams& p, const BackwardWorkspace& workspace,
                                  bool vectorized, cudaStream_t stream) {
-  backward_finish_dq_kernel<Element><<<row_grid(p), 32 * kWarpsPerBlock, 0, stream>>>(
-      p, workspace.dq_accum, vectorized);
+  const int lanes = lanes_per_row(p, vectorized);
+  backward_finish_dq_kernel<Element><<<row_grid(p, lanes), 32 * kWarpsPerBlock, 0, stream>>>(
+      p, workspace.dq_accum, lanes, vectorized);
   return Status::FromCuda(cudaGetLastError(), "launching the backward dq kernel");
 }
 

@@ -274,7 +274,6 @@ BackwardWorkspace backward_workspace(void* base, const AttentionParams& p) {
   BackwardWorkspace workspace;
   workspace.delta = static_cast<float*>(base);
   workspace.dq_accum = reinterpret_cast<float*>(static_cast<char*>(base) + delta_bytes(p));
-  workspace.dq_accum_bytes = dq_accum_bytes(p);
   return workspace;
 }
 

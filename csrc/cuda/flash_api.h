@@ -19,7 +19,6 @@ Status flash_forward(const AttentionParams& p, cudaStream_t stream);
 struct BackwardWorkspace {
   float* delta = nullptr;     // (batch, num_heads, seqlen_q): rowsum(dout * out) - dlse
   float* dq_accum = nullptr;  // (batch, num_heads, seqlen_q, head_dim): float32 dQ sums
-  size_t dq_accum_bytes = 0;
 };
 
 // Bytes (and alignment) of the single allocation that backward_workspace() splits.
