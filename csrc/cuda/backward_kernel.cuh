@@ -264,34 +264,26 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     __syncthreads();
 
     // ---- Phase B: dV += Pᵀ dO or dK += dSᵀ Q.
-    auto phase_b = [&] {
-      warp_gemm<Config::kMTilesB, Config::kNTilesB, kBlockM, PTile, KOrder::kContiguous, QTile,
-                KOrder::kStrided, kBF16>(acc_dkv, a_base_b, key0_b, dk_warp ? q_base : do_base,
-                                         col0_b, lane);
-    };
-
-    // ---- Phase C: dQ += dS K, accumulated in float32 across key blocks by atomics.
-    auto phase_c = [&] {
-      float acc_dq[Config::kMTilesC][Config::kNTilesC][4];
-      zero(acc_dq);
-      warp_gemm<Config::kMTilesC, Config::kNTilesC, kBlockN, PTile, KOrder::kStrided, KVTile,
-                KOrder::kStrided, kBF16>(acc_dq, ds_base, query0_c, k_base, col0_c, lane);
-      // 32-bit offsets within one (batch, head): the launcher checks seqlen_q * head_dim fits.
-      float* dq_accum = workspace.dq_accum +
-                        (batch * p.num_heads + head) * p.seqlen_q * p.head_dim +
-                        (query0 + query0_c) * head_dim + col0_c;
-      atomic_add_tile(acc_dq, dq_accum, head_dim, seqlen_q - query0 - query0_c,
-                      head_dim - col0_c, head_dim % 2 == 0, lane);
-    };
-
-    phase_b();
+    warp_gemm<Config::kMTilesB, Config::kNTilesB, kBlockM, PTile, KOrder::kContiguous, QTile,
+              KOrder::kStrided, kBF16>(acc_dkv, a_base_b, key0_b, dk_warp ? q_base : do_base,
+                                       col0_b, lane);
     if constexpr (Config::kStages == 1) {
       // Q and dO are free once every warp is past phase B: copy the next step during C.
       __syncthreads();
       if (step + 1 < num_steps) load_step(step + 1, 0);
       cp_async_commit();
     }
-    phase_c();
+
+    // ---- Phase C: dQ += dS K, accumulated in float32 across key blocks by atomics.
+    float acc_dq[Config::kMTilesC][Config::kNTilesC][4];
+    zero(acc_dq);
+    warp_gemm<Config::kMTilesC, Config::kNTilesC, kBlockN, PTile, KOrder::kStrided, KVTile,
+              KOrder::kStrided, kBF16>(acc_dq, ds_base, query0_c, k_base, col0_c, lane);
+    // 32-bit offsets within one (batch, head): the launcher checks seqlen_q * head_dim fits.
+    float* dq_accum = workspace.dq_accum + (batch * p.num_heads + head) * p.seqlen_q * p.head_dim +
+                      (query0 + query0_c) * head_dim + col0_c;
+    atomic_add_tile(acc_dq, dq_accum, head_dim, seqlen_q - query0 - query0_c, head_dim - col0_c,
+                    head_dim % 2 == 0, lane);
   }
   cp_async_wait<0>();
 
