@@ -18,15 +18,16 @@ import os
 import statistics
 import time
 
+# The test aid that fills every output with NaN before each kernel would add a memset per
+# output to every timed call. Set before jax_flash is imported, so it holds however early
+# jax_flash reads it.
+os.environ["JAX_FLASH_POISON_OUTPUTS"] = "0"
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jax_flash as jf
-
-# The test aid that fills every output with NaN before each kernel would add a memset per
-# output to every timed call.
-os.environ["JAX_FLASH_POISON_OUTPUTS"] = "0"
 
 TOKENS, HIDDEN = 16384, 2048
 
