@@ -172,8 +172,7 @@ def _split(x, pieces, axis):
 
 
 def _take(pieces_list, ids, axis):
-    parts = [pieces_list[i] for i in ids]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+    return _join([pieces_list[i] for i in ids], axis)
 
 
 def _run_step(ring, step, operands, branch_fn):
@@ -292,7 +291,7 @@ def _ring_backward(ring, q, k, v, out, lse, dout, dlse):
                 dv_acc[piece] = _accumulate(dv_acc[piece], gv)
         fill = lambda accs, like: [  # noqa: E731
             jnp.zeros(x.shape, jnp.float32) if a is None else a for a, x in zip(accs, like)]
-        dk_acc, dv_acc = fill(dk_acc, _split(k, pieces, 1)), fill(dv_acc, _split(v, pieces, 1))
+        dk_acc, dv_acc = fill(dk_acc, k_pieces), fill(dv_acc, v_pieces)
         return tuple(fill(dq_acc, q_pieces)), _join(dk_acc, 1), _join(dv_acc, 1)
 
     def after_step(carry):
