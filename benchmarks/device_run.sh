@@ -3,7 +3,7 @@
 # our kernels, and benchmark. Logs and JSON go to $OUT (the device tool returns them).
 # Steps are arguments, each optionally with a time limit in seconds (step:seconds):
 #   bash benchmarks/device_run.sh build gputests:300 memcheck:120 bench-quick
-# Steps: build cputests gputests memcheck bench bench-quick bench-ring examples. (Register and spill counts
+# Steps: build cputests gputests memcheck bench bench-quick bench-ring bench-packed examples. (Register and spill counts
 # need no GPU: nvcc -Xptxas -v on an instantiation file, here.)
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
@@ -59,6 +59,9 @@ run_step() {
       # ring_attention on a one-device mesh against the plain op, same run, d128.
       (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 --seqlens 2048 8192 16384 \
         --impls jax_flash ring_1dev cudnn --json "$OUT/bench_ring.json") 2>&1 | tee "$OUT/bench_ring.log"
+      ;;
+    bench-packed)
+      (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_packed.py" --json "$OUT/bench_packed.json") 2>&1 | tee "$OUT/bench_packed.log"
       ;;
     examples)
       for example in "$ROOT"/examples/*.py; do

@@ -41,31 +41,31 @@ def _fold_into_batch(fn, axis_size, in_batched, args):
 
 @functools.lru_cache(maxsize=None)
 def forward_fn(config: KernelConfig):
-    """(q, k, v, alibi_slopes) -> (out, lse), batchable over any subset of arguments."""
+    """(q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids) -> (out, lse), batchable over
+    any subset of arguments."""
 
     @custom_vmap
-    def forward(q, k, v, alibi_slopes):
-        return _sharding.forward(config, q, k, v, alibi_slopes)
+    def forward(*operands):
+        return _sharding.forward(config, *operands)
 
     @forward.def_vmap
-    def forward_vmap(axis_size, in_batched, q, k, v, alibi_slopes):
-        q_batched, k_batched, v_batched, slopes_batched = in_batched
-        if q_batched and not (k_batched or v_batched or slopes_batched):
-            out, lse = _fold_query_into_heads(forward, axis_size, q, k, v, alibi_slopes)
+    def forward_vmap(axis_size, in_batched, *operands):
+        if in_batched[0] and not any(in_batched[1:]):
+            out, lse = _fold_query_into_heads(forward, axis_size, *operands)
         else:
-            out, lse = _fold_into_batch(forward, axis_size, in_batched, (q, k, v, alibi_slopes))
+            out, lse = _fold_into_batch(forward, axis_size, in_batched, operands)
         return (out, lse), (True, True)
 
     return forward
 
 
-def _fold_query_into_heads(forward, axis_size, q, k, v, alibi_slopes):
+def _fold_query_into_heads(forward, axis_size, q, k, v, alibi_slopes, *segment_ids):
     # Head h of copy c becomes head h * axis_size + c, so it still maps to kv head
     # h // (num_heads // num_heads_kv): the copies form part of each GQA group.
     n, batch, seqlen_q, num_heads, head_dim = q.shape
     q_heads = jnp.moveaxis(q, 0, 3).reshape(batch, seqlen_q, num_heads * n, head_dim)
     slopes = jnp.repeat(alibi_slopes, n, axis=1)
-    out, lse = forward(q_heads, k, v, slopes)
+    out, lse = forward(q_heads, k, v, slopes, *segment_ids)
     out = jnp.moveaxis(out.reshape(batch, seqlen_q, num_heads, n, head_dim), 3, 0)
     lse = jnp.moveaxis(lse.reshape(batch, num_heads, n, seqlen_q), 2, 0)
     return out, lse
@@ -73,15 +73,16 @@ def _fold_query_into_heads(forward, axis_size, q, k, v, alibi_slopes):
 
 @functools.lru_cache(maxsize=None)
 def backward_fn(config: KernelConfig):
-    """(q, k, v, out, dout, lse, dlse, alibi_slopes) -> (dq, dk, dv), batchable.
+    """(q, k, v, out, dout, lse, dlse, alibi_slopes, q_segment_ids, kv_segment_ids) ->
+    (dq, dk, dv), batchable.
 
     Mapped axes always fold into the batch: each mapped copy needs its own dk and dv, which
     folding into heads would sum together.
     """
 
     @custom_vmap
-    def backward(q, k, v, out, dout, lse, dlse, alibi_slopes):
-        return _sharding.backward(config, q, k, v, out, dout, lse, dlse, alibi_slopes)
+    def backward(*operands):
+        return _sharding.backward(config, *operands)
 
     @backward.def_vmap
     def backward_vmap(axis_size, in_batched, *args):

@@ -115,12 +115,7 @@ def check_dropout(dropout_p, dropout_key):
         )
 
 
-def check_unimplemented(deterministic, q_segment_ids, kv_segment_ids):
-    if q_segment_ids is not None or kv_segment_ids is not None:
-        raise NotImplementedError(
-            "q_segment_ids / kv_segment_ids are not implemented yet in jax_flash; "
-            "they are planned with variable-length sequences"
-        )
+def check_deterministic(deterministic):
     if not isinstance(deterministic, (bool, np.bool_)):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     if deterministic:
@@ -128,6 +123,36 @@ def check_unimplemented(deterministic, q_segment_ids, kv_segment_ids):
             "deterministic=True is not implemented yet in jax_flash (the GPU backward with "
             "a fixed reduction order is planned); the default backward is used otherwise"
         )
+
+
+def placeholder_segment_ids(batch, seqlen_q, seqlen_k):
+    """What the kernels get when a call has no segment ids (the config says they are off)."""
+    return jnp.zeros((batch, seqlen_q), jnp.int32), jnp.zeros((batch, seqlen_k), jnp.int32)
+
+
+def check_segment_ids(q_segment_ids, kv_segment_ids, batch, seqlen_q, seqlen_k):
+    """Returns (has_segment_ids, q_ids, kv_ids) with int32 (batch, seqlen_q) and
+    (batch, seqlen_k) ids, placeholders when both are None."""
+    if q_segment_ids is None and kv_segment_ids is None:
+        return (False,) + placeholder_segment_ids(batch, seqlen_q, seqlen_k)
+    if q_segment_ids is None or kv_segment_ids is None:
+        raise ValueError(
+            "q_segment_ids and kv_segment_ids must be given together "
+            "(for self-attention pass the same array as both)"
+        )
+    checked = []
+    for name, ids, seqlen, side in (("q_segment_ids", q_segment_ids, seqlen_q, "q"),
+                                    ("kv_segment_ids", kv_segment_ids, seqlen_k, "k")):
+        shape = array_shape(ids, name)
+        if shape != (batch, seqlen):
+            raise ValueError(
+                f"{name} must have shape (batch, seqlen_{side}) = ({batch}, {seqlen}), got {shape}"
+            )
+        dtype = jnp.dtype(ids.dtype)
+        if not (jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_):
+            raise TypeError(f"{name} must hold integers (int32), got {dtype}")
+        checked.append(ids.astype(jnp.int32))
+    return (True,) + tuple(checked)
 
 
 def check_alibi_slopes(alibi_slopes, batch, num_heads):

@@ -20,6 +20,7 @@ class KernelConfig:
     window_right: int
     diagonal_offset: int
     has_alibi: bool
+    has_segment_ids: bool = False
 
     def attributes(self) -> dict:
         import numpy as np
@@ -31,4 +32,5 @@ class KernelConfig:
             window_right=np.int64(self.window_right),
             diagonal_offset=np.int64(self.diagonal_offset),
             has_alibi=bool(self.has_alibi),
+            has_segment_ids=bool(self.has_segment_ids),
         )

@@ -46,8 +46,12 @@ def _check_platform(dtype):
         )
 
 
-def forward(config: KernelConfig, q, k, v, alibi_slopes):
-    """out (like q) and lse (batch, num_heads, seqlen_q) float32; slopes (batch, num_heads)."""
+def forward(config: KernelConfig, q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids):
+    """out (like q) and lse (batch, num_heads, seqlen_q) float32.
+
+    The mask operands are always passed, in full shape: slopes (batch, num_heads) float32,
+    segment ids (batch, seqlen_q) and (batch, seqlen_k) int32; the config says which are on.
+    """
     _check_platform(q.dtype)
     batch, seqlen_q, num_heads, _ = q.shape
     result_shapes = (
@@ -57,7 +61,7 @@ def forward(config: KernelConfig, q, k, v, alibi_slopes):
     # Batching is handled a level up (jax_flash._batching) by folding mapped axes into the
     # batch or head axes, so the FFI call itself is never vmapped.
     call = jax.ffi.ffi_call(FORWARD_TARGET, result_shapes, vmap_method="broadcast_all")
-    return call(q, k, v, alibi_slopes, **config.attributes())
+    return call(q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids, **config.attributes())
 
 
 def _round_up(nbytes, alignment=256):
@@ -72,7 +76,8 @@ def _cuda_backward_workspace_bytes(q):
     return _round_up(rows * 4) + _round_up(rows * head_dim * 4)
 
 
-def backward(config: KernelConfig, q, k, v, out, dout, lse, dlse, alibi_slopes):
+def backward(config: KernelConfig, q, k, v, out, dout, lse, dlse, alibi_slopes, q_segment_ids,
+             kv_segment_ids):
     """dq, dk, dv; dk and dv are summed over each group of query heads (GQA)."""
     _check_platform(q.dtype)
     grad_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
@@ -92,4 +97,4 @@ def backward(config: KernelConfig, q, k, v, out, dout, lse, dlse, alibi_slopes):
 
     # Only the branch of the platform being compiled for is lowered.
     return jax.lax.platform_dependent(q, k, v, out, dout, lse, dlse, alibi_slopes,
-                                      cpu=on_cpu, cuda=on_cuda)
+                                      q_segment_ids, kv_segment_ids, cpu=on_cpu, cuda=on_cuda)

@@ -12,25 +12,27 @@ from jax_flash._config import KernelConfig
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def attention(config: KernelConfig, q, k, v, alibi_slopes):
-    """Returns (out, lse). alibi_slopes is (batch, num_heads) float32 and gets no gradient."""
-    return _batching.forward_fn(config)(q, k, v, alibi_slopes)
+def attention(config: KernelConfig, q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids):
+    """Returns (out, lse). alibi_slopes is (batch, num_heads) float32 and gets no gradient;
+    the segment ids are int32 (batch, seqlen_q) and (batch, seqlen_k)."""
+    return _batching.forward_fn(config)(q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids)
 
 
-def _attention_fwd(config, q, k, v, alibi_slopes):
-    out, lse = _batching.forward_fn(config)(q, k, v, alibi_slopes)
-    return (out, lse), (q, k, v, alibi_slopes, out, lse)
+def _attention_fwd(config, q, k, v, *masks):
+    out, lse = _batching.forward_fn(config)(q, k, v, *masks)
+    return (out, lse), (q, k, v, out, lse, masks)
 
 
 def _attention_bwd(config, residuals, cotangents):
-    q, k, v, alibi_slopes, out, lse = residuals
+    q, k, v, out, lse, masks = residuals
     dout, dlse = cotangents
     dq, dk, dv = _batching.backward_fn(config)(
-        q, k, v, out, dout.astype(out.dtype), lse, dlse.astype(jnp.float32), alibi_slopes
+        q, k, v, out, dout.astype(out.dtype), lse, dlse.astype(jnp.float32), *masks
     )
     # ALiBi slopes are constants of the model (as in FlashAttention); the public API applies
     # stop_gradient to them, so this zero is the true derivative of what the user sees.
-    return dq, dk, dv, jnp.zeros_like(alibi_slopes)
+    # Segment ids are integers: no cotangent.
+    return dq, dk, dv, jnp.zeros_like(masks[0]), None, None
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

@@ -79,7 +79,8 @@ def _plan(mesh, q_shape, k_shape, v_shape):
 
 
 def _shardings(mesh, batch, heads, layouts):
-    """NamedShardings for arrays laid out as 'bshd' (q, k, v, out), 'bhs' (lse), 'bh'."""
+    """NamedShardings for arrays laid out as 'bshd' (q, k, v, out), 'bhs' (lse), 'bh'
+    (slopes) or 'bs' (segment ids)."""
     entries = {"b": batch, "h": heads}
     return tuple(
         NamedSharding(mesh, PartitionSpec(*(entries.get(axis) for axis in layout)))
@@ -89,8 +90,8 @@ def _shardings(mesh, batch, heads, layouts):
 
 # The array layouts of each call's operands and results (q-like arrays are 'bshd').
 _LAYOUTS = {
-    "forward": (("bshd", "bshd", "bshd", "bh"), ("bshd", "bhs")),
-    "backward": (("bshd",) * 5 + ("bhs", "bhs", "bh"), ("bshd",) * 3),
+    "forward": (("bshd", "bshd", "bshd", "bh", "bs", "bs"), ("bshd", "bhs")),
+    "backward": (("bshd",) * 5 + ("bhs", "bhs", "bh", "bs", "bs"), ("bshd",) * 3),
 }
 
 
@@ -98,10 +99,10 @@ def _rule(kind):
     # Query heads (h) and key/value heads (k) are separate factors: tying them as a compound
     # (k g) lets Shardy split a mesh axis into sub-axes that custom_partitioning cannot hand
     # to the partition callback. The callback reconciles the two (see _plan).
-    q, kv, lse, slopes = "b s h d", "b t k d", "b h s", "b h"
+    q, kv, lse, masks = "b s h d", "b t k d", "b h s", "b h, b s, b t"
     if kind == "forward":
-        return f"{q}, {kv}, {kv}, {slopes} -> {q}, {lse}"
-    return f"{q}, {kv}, {kv}, {q}, {q}, {lse}, {lse}, {slopes} -> {q}, {kv}, {kv}"
+        return f"{q}, {kv}, {kv}, {masks} -> {q}, {lse}"
+    return f"{q}, {kv}, {kv}, {q}, {q}, {lse}, {lse}, {masks} -> {q}, {kv}, {kv}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,12 +134,11 @@ def _partitioned(kind, config: KernelConfig):
     return call
 
 
-def forward(config: KernelConfig, q, k, v, alibi_slopes):
+def forward(config: KernelConfig, *operands):
     """_ffi.forward, partitioned over batch and heads under jit."""
-    return tuple(_partitioned("forward", config)(q, k, v, alibi_slopes))
+    return tuple(_partitioned("forward", config)(*operands))
 
 
-def backward(config: KernelConfig, q, k, v, out, dout, lse, dlse, alibi_slopes):
+def backward(config: KernelConfig, *operands):
     """_ffi.backward, partitioned over batch and heads under jit."""
-    return tuple(
-        _partitioned("backward", config)(q, k, v, out, dout, lse, dlse, alibi_slopes))
+    return tuple(_partitioned("backward", config)(*operands))

@@ -46,22 +46,29 @@ def flash_attn_func(
       return_lse: also return the log-sum-exp of each row, (batch, num_heads, seqlen_q)
         float32, natural log; +inf for a row whose keys are all masked (its output is 0).
         Gradients flow through lse as well.
-      q_segment_ids, kv_segment_ids: packed sequences (not implemented yet).
+      q_segment_ids, kv_segment_ids: packed sequences: integer (batch, seqlen_q) and
+        (batch, seqlen_k) arrays (compared as int32), given together. Query i sees key j
+        only if q_segment_ids[b, i] == kv_segment_ids[b, j], on top of causal and the window,
+        which count positions in the packed row. A query whose segment has no visible key
+        gets a zero output (lse +inf). Key blocks whose ids cannot meet a query block's are
+        skipped, so packed documents sorted by id cost what the documents cost.
 
     Returns:
       out with the shape and dtype of q, or (out, lse) when return_lse is True.
     """
     _checks.check_dropout(dropout_p, dropout_key)
-    _checks.check_unimplemented(deterministic, q_segment_ids, kv_segment_ids)
+    _checks.check_deterministic(deterministic)
     return _attention(
         q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
     )
 
 
 def _attention(
     q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-    alibi_slopes=None, return_lse=False, diagonal_offset=None,
+    alibi_slopes=None, return_lse=False, diagonal_offset=None, q_segment_ids=None,
+    kv_segment_ids=None,
 ):
     """flash_attn_func's op with a movable mask diagonal, for the layers built on it.
 
@@ -74,6 +81,8 @@ def _attention(
     batch, seqlen_q, num_heads, head_dim, seqlen_k, _ = _checks.check_qkv(q, k, v)
     window_left, window_right = _checks.check_window(window_size, causal)
     slopes = _checks.check_alibi_slopes(alibi_slopes, batch, num_heads)
+    has_segment_ids, q_ids, kv_ids = _checks.check_segment_ids(
+        q_segment_ids, kv_segment_ids, batch, seqlen_q, seqlen_k)
     config = KernelConfig(
         softmax_scale=_checks.check_softmax_scale(softmax_scale, head_dim),
         softcap=_checks.check_softcap(softcap),
@@ -81,10 +90,11 @@ def _attention(
         window_right=window_right,
         diagonal_offset=_checks.check_diagonal_offset(diagonal_offset, seqlen_q, seqlen_k),
         has_alibi=slopes is not None,
+        has_segment_ids=has_segment_ids,
     )
     if slopes is None:
         slopes = jnp.zeros((batch, num_heads), jnp.float32)
-    out, lse = _op_attention(config, q, k, v, jax.lax.stop_gradient(slopes))
+    out, lse = _op_attention(config, q, k, v, jax.lax.stop_gradient(slopes), q_ids, kv_ids)
     return (out, lse) if return_lse else out
 
 
@@ -108,13 +118,16 @@ def flash_attn_qkvpacked_func(
     deterministic=False,
     return_lse=False,
     dropout_key=None,
+    segment_ids=None,
 ):
-    """flash_attn_func on qkv (batch, seqlen, 3, num_heads, head_dim); gradients flow to qkv."""
+    """flash_attn_func on qkv (batch, seqlen, 3, num_heads, head_dim); gradients flow to qkv.
+    segment_ids (batch, seqlen) serve as both q_segment_ids and kv_segment_ids."""
     q, k, v = _unpack(qkv, "qkv", 3)
     return flash_attn_func(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
         deterministic=deterministic, return_lse=return_lse, dropout_key=dropout_key,
+        q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
     )
 
 
@@ -130,6 +143,8 @@ def flash_attn_kvpacked_func(
     deterministic=False,
     return_lse=False,
     dropout_key=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
 ):
     """flash_attn_func with kv (batch, seqlen_k, 2, num_heads_kv, head_dim); gradients flow to kv."""
     k, v = _unpack(kv, "kv", 2)
@@ -137,4 +152,5 @@ def flash_attn_kvpacked_func(
         q, k, v, dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,
         deterministic=deterministic, return_lse=return_lse, dropout_key=dropout_key,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
     )

@@ -31,12 +31,13 @@ def visible_mask(seqlen_q, seqlen_k, window_left=-1, window_right=-1, diagonal_o
 
 def reference_attention(
     q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-    alibi_slopes=None, return_lse=False, diagonal_offset=None,
+    alibi_slopes=None, return_lse=False, diagonal_offset=None, q_segment_ids=None,
+    kv_segment_ids=None,
 ):
     """out (and lse) for q (b, sq, h, d), k/v (b, sk, hk, d); see flash_attn_func.
 
     diagonal_offset moves the masks' (and ALiBi's) diagonal: the key aligned with query 0,
-    seqlen_k - seqlen_q when None."""
+    seqlen_k - seqlen_q when None. Segment ids (b, sq) and (b, sk) mask pairs whose ids differ."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_kv = k.shape[1], k.shape[2]
     group = num_heads // num_heads_kv
@@ -53,6 +54,9 @@ def reference_attention(
         scores = scores - slopes[:, :, None, None] * distance
     left, right = window_size
     mask = visible_mask(seqlen_q, seqlen_k, left, 0 if causal else right, diagonal_offset)
+    if q_segment_ids is not None:
+        same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+        mask = mask[None, None] & same[:, None]
     scores = jnp.where(mask, scores, -jnp.inf)
     row_max = jnp.max(scores, axis=-1, keepdims=True)
     row_max = jnp.where(jnp.isfinite(row_max), row_max, 0)

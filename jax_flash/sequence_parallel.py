@@ -244,9 +244,10 @@ def _ring_forward(ring, q, k, v):
         out_acc, lse_acc = ([None] * pieces, [None] * pieces) if first else map(list, carry)
         k_pieces, v_pieces = _split(k, pieces, 1), _split(v, pieces, 1)
         for call in plan:
+            q_rows, k_rows = _take(q_pieces, call.q_pieces, 1), _take(k_pieces, call.k_pieces, 1)
             out, lse = _batching.forward_fn(ring.call_config(call))(
-                _take(q_pieces, call.q_pieces, 1), _take(k_pieces, call.k_pieces, 1),
-                _take(v_pieces, call.k_pieces, 1), slopes)
+                q_rows, k_rows, _take(v_pieces, call.k_pieces, 1), slopes,
+                *_checks.placeholder_segment_ids(q.shape[0], q_rows.shape[1], k_rows.shape[1]))
             outs = _split(out, len(call.q_pieces), 1)
             lses = _split(lse, len(call.q_pieces), 2)
             for piece, o, l in zip(call.q_pieces, outs, lses):
@@ -279,10 +280,11 @@ def _ring_backward(ring, q, k, v, out, lse, dout, dlse):
         k_pieces, v_pieces = _split(k, pieces, 1), _split(v, pieces, 1)
         for call in plan:
             rows = lambda xs, axis=1: _take(xs, call.q_pieces, axis)  # noqa: E731
+            q_rows, k_rows = rows(q_pieces), _take(k_pieces, call.k_pieces, 1)
             dq, dk, dv = _batching.backward_fn(ring.call_config(call))(
-                rows(q_pieces), _take(k_pieces, call.k_pieces, 1),
-                _take(v_pieces, call.k_pieces, 1), rows(out_pieces), rows(dout_pieces),
-                rows(lse_pieces, 2), rows(dlse_pieces, 2), slopes)
+                q_rows, k_rows, _take(v_pieces, call.k_pieces, 1), rows(out_pieces),
+                rows(dout_pieces), rows(lse_pieces, 2), rows(dlse_pieces, 2), slopes,
+                *_checks.placeholder_segment_ids(q.shape[0], q_rows.shape[1], k_rows.shape[1]))
             for piece, g in zip(call.q_pieces, _split(dq, len(call.q_pieces), 1)):
                 dq_acc[piece] = _accumulate(dq_acc[piece], g)
             for piece, gk, gv in zip(call.k_pieces, _split(dk, len(call.k_pieces), 1),

@@ -17,7 +17,22 @@ OPTIONS = [dict(), dict(causal=True), dict(window_size=(9, 3), softcap=3.0),
            # a moved mask diagonal (top-left, far before and far after the keys), as the
            # ring attention and the top-left masks use it
            dict(causal=True, diagonal_offset=0), dict(window_size=(5, 2), diagonal_offset=-40),
-           dict(causal=True, diagonal_offset=300)]
+           dict(causal=True, diagonal_offset=300),
+           # packed sequences: sorted documents, and unsorted ids some queries share with no key
+           dict(causal=True, segments="sorted"), dict(window_size=(7, 7), segments="random")]
+
+
+def with_segment_ids(options, b, sq, sk, rng):
+    options = dict(options)
+    kind = options.pop("segments", None)
+    if kind == "sorted":
+        options["q_segment_ids"] = jnp.asarray(np.broadcast_to(np.arange(sq) * 3 // sq, (b, sq)), jnp.int32)
+        options["kv_segment_ids"] = jnp.asarray(np.broadcast_to(np.arange(sk) * 3 // sk, (b, sk)), jnp.int32)
+    elif kind == "random":
+        options["q_segment_ids"] = jnp.asarray(rng.integers(0, 4, (b, sq)), jnp.int32)
+        options["kv_segment_ids"] = jnp.asarray(rng.integers(0, 3, (b, sk)), jnp.int32)
+    return options
+
 
 for shape in SHAPES:
     b, sq, sk, h, hk, d = shape
@@ -25,6 +40,7 @@ for shape in SHAPES:
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)
                for s in [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d)])
     for options in OPTIONS:
+        options = with_segment_ids(options, b, sq, sk, rng)
         loss = lambda q, k, v: jnp.sum(_attention(q, k, v, **options).astype(jnp.float32))
         grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
         assert all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in grads), (shape, options)

@@ -70,7 +70,8 @@ def assert_within_twice_plain(name, ours, plain, exact, dtype):
 
 def attention_kwargs(case):
     """The subset of a feature-grid case that both flash_attn_func and the reference take."""
-    keys = ("softmax_scale", "causal", "window_size", "softcap", "alibi_slopes", "diagonal_offset")
+    keys = ("softmax_scale", "causal", "window_size", "softcap", "alibi_slopes", "diagonal_offset",
+            "q_segment_ids", "kv_segment_ids")
     return {k: case[k] for k in keys if k in case}
 
 

@@ -84,8 +84,6 @@ def test_traced_scale_is_rejected():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(dropout_p=0.1), "dropout"),
     (dict(dropout_key=jax.random.key(0)), "dropout"),
-    (dict(q_segment_ids=jnp.zeros((B, S), jnp.int32)), "segment_ids"),
-    (dict(kv_segment_ids=jnp.zeros((B, S), jnp.int32)), "segment_ids"),
     (dict(deterministic=True), "deterministic"),
 ])
 def test_later_features_say_so(kwargs, match):

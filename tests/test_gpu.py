@@ -39,13 +39,28 @@ FEATURES = {
     "window": dict(window_size=(100, 7)),
     "softcap_alibi_causal": dict(causal=True, softcap=4.0, alibi=True),
     "window_alibi": dict(window_size=(200, 50), alibi=True),
+    "segments_sorted_causal": dict(causal=True, segments="sorted"),
+    "segments_random_softcap_alibi": dict(softcap=4.0, alibi=True, segments="random"),
 }
+
+
+def segment_ids(kind, batch, seqlen, seed):
+    """Sorted ids: five documents spread over the row (whatever its length); random: ids
+    from {0, 1, 2} in any order."""
+    if kind == "sorted":
+        ids = np.arange(seqlen) * 5 // max(seqlen, 1)
+        return jnp.asarray(np.broadcast_to(ids, (batch, seqlen)), jnp.int32)
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 3, (batch, seqlen)), jnp.int32)
 
 
 def kwargs_for(feature, shape):
     kwargs = dict(FEATURES[feature])
     if kwargs.pop("alibi", False):
         kwargs["alibi_slopes"] = alibi_slopes_for(shape[3], batch=shape[0])
+    kind = kwargs.pop("segments", None)
+    if kind:
+        kwargs["q_segment_ids"] = segment_ids(kind, shape[0], shape[1], seed=1)
+        kwargs["kv_segment_ids"] = segment_ids(kind, shape[0], shape[2], seed=2)
     return kwargs
 
 
@@ -100,7 +115,7 @@ def test_small_grid(shape, feature, dtype):
     check(shape, feature, dtype, gradients=True)
 
 
-@pytest.mark.parametrize("feature", ["none", "causal"])
+@pytest.mark.parametrize("feature", ["none", "causal", "segments_sorted_causal"])
 @pytest.mark.parametrize("shape", LARGE, ids=str)
 def test_large_shapes_bf16(shape, feature):
     check(shape, feature, jnp.bfloat16, gradients=True)

@@ -129,3 +129,20 @@ def test_gspmd_partitioner_too():
         np.testing.assert_array_equal(np.asarray(out), np.asarray(forward(q, k, v, slopes)[0]))
     finally:
         jax.config.update("jax_use_shardy_partitioner", previous)
+
+
+def test_batch_sharded_segment_ids_stay_local():
+    """Segment ids sharded with the batch: shard-local kernels, the unsharded result."""
+    q, k, v = random_qkv(11, 4, 48, 48, 4, 2, 16, jnp.float32)
+    ids = jnp.asarray(np.random.default_rng(12).integers(0, 3, (4, 48)), jnp.int32)
+
+    def loss(q, k, v, ids):
+        out = jf.flash_attn_func(q, k, v, causal=True, q_segment_ids=ids, kv_segment_ids=ids)
+        return jnp.sum(out * jnp.cos(out))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    sharded = place(P("data", None, None, None), q, k, v) + place(P("data", None), ids)
+    assert collectives_in(grad, *sharded) == []
+    for a, b in zip(grad(*sharded), grad(q, k, v, ids)):
+        assert spec_of(a, 4)[0] == "data"
+        np.testing.assert_allclose(a, b, atol=1e-6)

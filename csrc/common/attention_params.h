@@ -50,6 +50,11 @@ struct AttentionParams {
   // ALiBi slopes, float32 (batch, num_heads); null when ALiBi is off.
   const float* alibi_slopes = nullptr;
 
+  // Packed sequences: int32 (batch, seqlen_q) and (batch, seqlen_k), contiguous; query i
+  // sees key j only if their ids are equal (on top of the window). Null when off.
+  const int32_t* q_segment_ids = nullptr;
+  const int32_t* kv_segment_ids = nullptr;
+
   // Forward operands.
   const void* q = nullptr;
   const void* k = nullptr;
@@ -68,6 +73,7 @@ struct AttentionParams {
 
   JAX_FLASH_HOST_DEVICE bool has_window() const { return window_left >= 0 || window_right >= 0; }
   JAX_FLASH_HOST_DEVICE bool has_alibi() const { return alibi_slopes != nullptr; }
+  JAX_FLASH_HOST_DEVICE bool has_segment_ids() const { return q_segment_ids != nullptr; }
   JAX_FLASH_HOST_DEVICE int64_t group_size() const { return num_heads / num_heads_kv; }
 };
 

@@ -36,10 +36,12 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t head, int64_t ro
   const IndexRange keys = visible_keys(p, row0, row0 + m);
   for (int64_t col0 = keys.begin; col0 < keys.end; col0 += kBlockN) {
     const int n = static_cast<int>(std::min<int64_t>(kBlockN, keys.end - col0));
+    const SegmentIds segments = SegmentIds::of(p, b, row0, col0);
+    if (!segments.meet(m, n)) continue;
     load_rows_transposed<T>(p.k, p.k_strides, b, head_kv, col0, n, d, kBlockN, kt.data());
     load_rows<T>(p.v, p.v_strides, b, head_kv, col0, n, d, v.data());
     matmul_abt(q.data(), kt.data(), m, n, d, s.data());
-    finish_scores<A>(p, slope, row0, m, col0, n, s.data(), nullptr);
+    finish_scores<A>(p, slope, row0, m, col0, n, segments, s.data(), nullptr);
 
     for (int i = 0; i < m; ++i) {
       A* s_row = s.data() + i * kBlockN;
@@ -89,12 +91,13 @@ struct BackwardTile {
 // multiplied by the softcap derivative and the softmax scale) in tile.dp.
 template <typename A>
 void probabilities_and_score_grads(const AttentionParams& p, float slope, int64_t row0, int m,
-                                   int64_t col0, int n, const A* q, const A* dout,
-                                   const float* lse, const A* delta, BackwardTile<A>& tile) {
+                                   int64_t col0, int n, const SegmentIds& segments, const A* q,
+                                   const A* dout, const float* lse, const A* delta,
+                                   BackwardTile<A>& tile) {
   const int64_t d = p.head_dim;
   const A scale = p.softmax_scale;
   matmul_abt(q, tile.kt.data(), m, n, d, tile.s.data());
-  finish_scores<A>(p, slope, row0, m, col0, n, tile.s.data(),
+  finish_scores<A>(p, slope, row0, m, col0, n, segments, tile.s.data(),
                    p.softcap > 0.0f ? tile.softcap_grad.data() : nullptr);
   matmul_abt(dout, tile.vt.data(), m, n, d, tile.dp.data());
   for (int i = 0; i < m; ++i) {
@@ -149,9 +152,11 @@ void backward_key_block(const AttentionParams& p, const A* delta, int64_t b, int
     const A* delta_row = delta + (b * p.num_heads + head) * p.seqlen_q;
     for (int64_t row0 = rows.begin; row0 < rows.end; row0 += kBlockM) {
       const int m = static_cast<int>(std::min<int64_t>(kBlockM, rows.end - row0));
+      const SegmentIds segments = SegmentIds::of(p, b, row0, col0);
+      if (!segments.meet(m, n)) continue;
       load_rows<T>(p.q, p.q_strides, b, head, row0, m, d, q.data());
       load_rows<T>(p.dout, p.out_strides, b, head, row0, m, d, dout.data());
-      probabilities_and_score_grads(p, slope, row0, m, col0, n, q.data(), dout.data(),
+      probabilities_and_score_grads(p, slope, row0, m, col0, n, segments, q.data(), dout.data(),
                                     lse + row0, delta_row + row0, tile);
       matmul_at_accumulate(tile.s.data(), dout.data(), m, n, d, dv.data());
       matmul_at_accumulate(tile.dp.data(), q.data(), m, n, d, dk.data());
@@ -178,11 +183,13 @@ void backward_query_block(const AttentionParams& p, const A* delta, int64_t b, i
   const IndexRange keys = visible_keys(p, row0, row0 + m);
   for (int64_t col0 = keys.begin; col0 < keys.end; col0 += kBlockN) {
     const int n = static_cast<int>(std::min<int64_t>(kBlockN, keys.end - col0));
+    const SegmentIds segments = SegmentIds::of(p, b, row0, col0);
+    if (!segments.meet(m, n)) continue;
     load_rows_transposed<T>(p.k, p.k_strides, b, head_kv, col0, n, d, kBlockN, tile.kt.data());
     load_rows_transposed<T>(p.v, p.v_strides, b, head_kv, col0, n, d, kBlockN, tile.vt.data());
     load_rows<T>(p.k, p.k_strides, b, head_kv, col0, n, d, k.data());
-    probabilities_and_score_grads(p, slope, row0, m, col0, n, q.data(), dout.data(), lse,
-                                  delta_row, tile);
+    probabilities_and_score_grads(p, slope, row0, m, col0, n, segments, q.data(), dout.data(),
+                                  lse, delta_row, tile);
     matmul_accumulate(tile.dp.data(), k.data(), m, n, d, dq.data());
   }
   store_rows<T>(dq.data(), m, d, p.dq, p.q_strides, b, head, row0);

@@ -3,6 +3,7 @@
 // capped, biased scores.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -110,13 +111,34 @@ void matmul_at_accumulate(const A* w, const A* a, int m, int n, int64_t d, A* ac
   }
 }
 
+// The segment ids of query rows row0.. and key rows col0.. of batch row b, or nulls when
+// the call has none.
+struct SegmentIds {
+  const int32_t* q = nullptr;
+  const int32_t* kv = nullptr;
+
+  static SegmentIds of(const AttentionParams& p, int64_t b, int64_t row0, int64_t col0) {
+    if (!p.has_segment_ids()) return {};
+    return {p.q_segment_ids + b * p.seqlen_q + row0, p.kv_segment_ids + b * p.seqlen_k + col0};
+  }
+
+  // Whether some query of the m rows may share a segment with some key of the n keys:
+  // tiles whose id ranges cannot meet are skipped.
+  bool meet(int m, int n) const {
+    if (q == nullptr || m == 0 || n == 0) return true;
+    const auto q_range = std::minmax_element(q, q + m);
+    const auto kv_range = std::minmax_element(kv, kv + n);
+    return *q_range.first <= *kv_range.second && *kv_range.first <= *q_range.second;
+  }
+};
+
 // Turns raw dot products s[m × n] (row stride kBlockN) for query rows row0.. and key rows
-// col0.. into final scores: scale, softcap, ALiBi, then the window mask (-inf).
+// col0.. into final scores: scale, softcap, ALiBi, then the window and segment masks (-inf).
 // When softcap_grad is given it receives d(score)/d(scaled dot) = 1 - tanh², needed by
 // the backward pass.
 template <typename A>
 void finish_scores(const AttentionParams& p, float alibi_slope, int64_t row0, int m,
-                   int64_t col0, int n, A* s, A* softcap_grad) {
+                   int64_t col0, int n, const SegmentIds& segments, A* s, A* softcap_grad) {
   const int64_t offset = p.diagonal_offset;
   const bool capped = p.softcap > 0.0f;
   const A softcap = p.softcap, scale = p.softmax_scale, slope = alibi_slope;
@@ -134,7 +156,8 @@ void finish_scores(const AttentionParams& p, float alibi_slope, int64_t row0, in
       const int64_t key = col0 + j;
       if (p.has_alibi()) x -= slope * static_cast<A>(std::llabs(diagonal - key));
       if ((p.window_left >= 0 && key < diagonal - p.window_left) ||
-          (p.window_right >= 0 && key > diagonal + p.window_right)) {
+          (p.window_right >= 0 && key > diagonal + p.window_right) ||
+          (segments.q != nullptr && segments.q[i] != segments.kv[j])) {
         x = kNegInf<A>;
       }
       s_row[j] = x;

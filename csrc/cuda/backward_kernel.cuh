@@ -30,6 +30,7 @@
 #include "cuda/flash_api.h"
 #include "cuda/ptx.cuh"
 #include "cuda/scores.cuh"
+#include "cuda/segments.cuh"
 #include "cuda/smem_tile.cuh"
 #include "cuda/warp_mma.cuh"
 
@@ -66,8 +67,9 @@ struct BackwardTiles {
   using QTile = SwizzledTile<kBlockM, kHeadDim>;   // Q, dO: [query][d]
   using PTile = SwizzledTile<kBlockN, kBlockM>;    // Pᵀ, dSᵀ: [key][query]
 
-  // Shared memory, in this order: K, V, Pᵀ, dSᵀ, then per stage Q, dO, lse, delta.
-  static constexpr int kStageBytes = 2 * QTile::kBytes + 2 * kBlockM * 4;
+  // Shared memory, in this order: K, V, Pᵀ, dSᵀ, then per stage Q, dO, lse, delta and the
+  // queries' segment ids.
+  static constexpr int kStageBytes = 2 * QTile::kBytes + 3 * kBlockM * 4;
   static constexpr int kSmemBytes = 2 * KVTile::kBytes + 2 * PTile::kBytes + kStages * kStageBytes;
 
   static_assert(kMTilesA >= 1 && kNTilesA % 2 == 0 && kKeysA % 16 == 0, "phase A warp tile");
@@ -93,7 +95,7 @@ template <int kHeadDimClass> struct BackwardSmallSmem { using Config = BackwardC
 template <> struct BackwardSmallSmem<64> { using Config = BackwardTiles<64, 128, 64, 8, 4, 4, 4, 2>; };
 template <> struct BackwardSmallSmem<256> { using Config = BackwardTiles<256, 64, 64, 8, 4, 2, 2, 1>; };
 
-template <class Config, typename Element, bool kHasWindow>
+template <class Config, typename Element, bool kHasWindow, bool kHasSegments>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     backward_kernel_sm80(const __grid_constant__ AttentionParams p,
                          const __grid_constant__ BackwardWorkspace workspace,
@@ -116,6 +118,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   auto do_smem = [&](int s) { return q_smem(s) + QTile::kElements; };
   auto lse_smem = [&](int s) { return reinterpret_cast<float*>(do_smem(s) + QTile::kElements); };
   auto delta_smem = [&](int s) { return lse_smem(s) + kBlockM; };
+  auto q_ids_smem = [&](int s) { return reinterpret_cast<int32_t*>(delta_smem(s) + kBlockM); };
 
   const int thread = threadIdx.x, lane = thread & 31, warp = thread >> 5;
   const int key_block = blockIdx.x, head_kv = blockIdx.y, batch = blockIdx.z;
@@ -125,7 +128,15 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int key0 = key_block * kBlockN;
   const int valid_keys = min(kBlockN, seqlen_k - key0);
 
-  const IndexRange queries = visible_queries(p, key0, key0 + valid_keys);
+  IndexRange queries = visible_queries(p, key0, key0 + valid_keys);
+  // Packed sequences: only queries whose ids fall in this key block's id range can see it.
+  auto q_ids = [&] { return p.q_segment_ids + batch * p.seqlen_q; };
+  auto kv_ids = [&] { return p.kv_segment_ids + batch * p.seqlen_k + key0; };
+  if constexpr (kHasSegments) {
+    __shared__ int reduce_scratch[2];
+    const CtaReduce<Config::kThreads> cta{reduce_scratch};
+    queries = cta.narrow(q_ids(), seqlen_q, queries, cta.ids_range(kv_ids(), valid_keys));
+  }
   const int query_begin = static_cast<int>(queries.begin);
   const int blocks_per_head =
       queries.empty() ? 0 : (static_cast<int>(queries.end) - query_begin + kBlockM - 1) / kBlockM;
@@ -152,6 +163,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     load_row_vector<kBlockM, Config::kThreads>(lse_smem(s), p.lse + row_offset, rows, thread);
     load_row_vector<kBlockM, Config::kThreads>(delta_smem(s), workspace.delta + row_offset, rows,
                                                thread);
+    if constexpr (kHasSegments)
+      load_row_vector<kBlockM, Config::kThreads>(q_ids_smem(s), q_ids() + query0, rows, thread);
   };
 
   {
@@ -183,6 +196,14 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int query0_c = (warp % Config::kWarpsAlongQueriesC) * Config::kQueriesC;
   const int col0_c = (warp / Config::kWarpsAlongQueriesC) * Config::kColsC;
   const int g = lane >> 2, t = lane & 3;
+  // The id range of the keys of this warp's phase-A rows (segment variant only).
+  IdRange warp_key_ids{0, 0};
+  if constexpr (kHasSegments) {
+    static_assert(Config::kKeysA <= 32, "one key per lane");
+    const bool has_key = lane < Config::kKeysA && key0_a + lane < valid_keys;
+    const int key_id = has_key ? kv_ids()[key0_a + lane] : 0;
+    warp_key_ids = warp_id_range(has_key ? key_id : INT_MAX, has_key ? key_id : INT_MIN);
+  }
 
   float acc_dkv[Config::kMTilesB][Config::kNTilesB][4];  // dK or dV, see dk_warp
   zero(acc_dkv);
@@ -222,6 +243,17 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     const ScoreTransform transform = ScoreTransform::make(p, batch, head);
     const bool masked = window.tile_needs_mask<kHasWindow>(
         query0, min(query0 + kBlockM, seqlen_q), key0, key0 + kBlockN);
+    // Ids differ somewhere between the warp's keys and queries: compare each element.
+    bool segment_masked = false;
+    if constexpr (kHasSegments) {
+      int lo = INT_MAX, hi = INT_MIN;
+#pragma unroll
+      for (int c = lane; c < Config::kQueriesA; c += 32) {
+        const int id = q_ids_smem(s)[query0_a + c];
+        lo = min(lo, id), hi = max(hi, id);
+      }
+      segment_masked = !warp_key_ids.single_id_with(warp_id_range(lo, hi));
+    }
     // Most tiles need neither the score transform nor the mask: they take a short path
     // with no per-element index arithmetic or selects (a uniform branch per tile).
     auto probabilities_and_grads = [&](auto general_tag) {
@@ -246,6 +278,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
                   ds_scale *= 1.0f - tanh_value * tanh_value;  // softcap'
                 }
                 if (masked && !window.visible<kHasWindow>(query, key)) score = -INFINITY;
+                // (Keys past the block's end are masked above and have no id to read.)
+                if constexpr (kHasSegments) {
+                  if (segment_masked && key - key0 < valid_keys &&
+                      kv_ids()[key - key0] != q_ids_smem(s)[query - query0])
+                    score = -INFINITY;
+                }
               }
               // lse = +inf (a query that saw no key) also gives exactly 0 here.
               prob[e] = fast_exp2(fmaf(score, transform.exp_scale, -lse_log2[j][e]));
@@ -256,7 +294,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
             *reinterpret_cast<uint32_t*>(ds_smem + PTile::offset(row, col)) = Traits::pack(grad[0], grad[1]);
           }
     };
-    if (transform.plain && !masked) {
+    if (transform.plain && !masked && !segment_masked) {
       probabilities_and_grads(std::false_type{});
     } else {
       probabilities_and_grads(std::true_type{});

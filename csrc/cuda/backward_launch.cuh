@@ -17,8 +17,10 @@ template <class Config, typename Element>
 Status launch_backward_config(const AttentionParams& p, const BackwardWorkspace& workspace,
                               const LaunchOptions& options, cudaStream_t stream) {
   constexpr int kSmem = Config::kSmemBytes;
-  auto kernel = p.has_window() ? backward_kernel_sm80<Config, Element, true>
-                               : backward_kernel_sm80<Config, Element, false>;
+  // Masking variants: none, window (causal or sliding), window and segment ids.
+  auto kernel = p.has_segment_ids() ? backward_kernel_sm80<Config, Element, true, true>
+                : p.has_window()    ? backward_kernel_sm80<Config, Element, true, false>
+                                    : backward_kernel_sm80<Config, Element, false, false>;
   if (Status s = allow_shared_memory(kernel, kSmem, options,
                                      "head_dim " + std::to_string(Config::kHeadDim) + " backward");
       !s.ok())

@@ -22,6 +22,7 @@
 #include "cuda/flash_api.h"
 #include "cuda/ptx.cuh"
 #include "cuda/scores.cuh"
+#include "cuda/segments.cuh"
 #include "cuda/smem_tile.cuh"
 #include "cuda/warp_mma.cuh"
 
@@ -40,7 +41,8 @@ struct ForwardTiles {
   static constexpr int kStages = kStages_;
   using QTile = SwizzledTile<kBlockM, kHeadDim>;
   using KVTile = SwizzledTile<kBlockN, kHeadDim>;
-  static constexpr int kSmemBytes = QTile::kBytes + kStages * 2 * KVTile::kBytes;
+  // Q, then per stage K and V, then per stage the key block's segment ids.
+  static constexpr int kSmemBytes = QTile::kBytes + kStages * (2 * KVTile::kBytes + kBlockN * 4);
   // 4-warp CTAs leave room for two per SM (registers cap at 255 either way).
   static constexpr int kMinBlocksPerSm = kWarps == 4 ? 2 : 1;
   static_assert(kMTiles >= 1 && kBlockM % (16 * kWarps) == 0, "whole mma tiles per warp");
@@ -62,7 +64,7 @@ template <> struct ForwardConfig<64> : ForwardTiles<64, 128, 128, 4, 2> {};
 template <> struct ForwardConfig<128> : ForwardTiles<128, 128, 64, 4, 2> {};
 template <> struct ForwardConfig<256> : ForwardTiles<256, 64, 64, 4, 1> {};
 
-template <class Config, typename Element, bool kHasWindow>
+template <class Config, typename Element, bool kHasWindow, bool kHasSegments>
 __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
     forward_kernel_sm80(const __grid_constant__ AttentionParams p, const bool vectorized) {
   using QTile = typename Config::QTile;
@@ -76,6 +78,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
   Element* kv_smem = q_smem + QTile::kElements;  // stage s: K at 2s, V at 2s+1
   auto k_smem = [&](int stage) { return kv_smem + (2 * stage) * KVTile::kElements; };
   auto v_smem = [&](int stage) { return kv_smem + (2 * stage + 1) * KVTile::kElements; };
+  int32_t* kv_ids_smem = reinterpret_cast<int32_t*>(kv_smem + 2 * Config::kStages * KVTile::kElements);
 
   const int thread = threadIdx.x, lane = thread & 31, warp = thread >> 5;
   // Launch the longest query blocks first: with a causal mask those are the last ones.
@@ -90,7 +93,16 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
                  row0 * p.out_strides.row + head * p.out_strides.head;
   float* lse = p.lse + (batch * p.num_heads + head) * p.seqlen_q + row0;
 
-  const IndexRange keys = visible_keys(p, row0, row0 + valid_rows);
+  IndexRange keys = visible_keys(p, row0, row0 + valid_rows);
+  // Packed sequences: only keys whose ids fall in this block's id range can be visible.
+  auto q_ids = [&] { return p.q_segment_ids + batch * p.seqlen_q + row0; };
+  auto kv_ids = [&] { return p.kv_segment_ids + batch * p.seqlen_k; };
+  if constexpr (kHasSegments) {
+    __shared__ int reduce_scratch[2];
+    const CtaReduce<Config::kThreads> cta{reduce_scratch};
+    keys = cta.narrow(kv_ids(), static_cast<int>(p.seqlen_k), keys,
+                      cta.ids_range(q_ids(), valid_rows));
+  }
   if (keys.empty()) {  // every row of this block is fully masked: out = 0, lse = +inf
     for (int i = thread; i < valid_rows * head_dim; i += Config::kThreads)
       out[(i / head_dim) * p.out_strides.row + i % head_dim] = ElementTraits<Element>::from_float(0.0f);
@@ -117,8 +129,17 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
     load_tile<KVTile, Config::kThreads>(v_smem(stage), v + key0 * p.v_strides.row, p.v_strides.row,
                                         min(kBlockN, seqlen_k - key0), head_dim, vectorized, thread);
   };
-  auto load_kv = [&](int block, int stage) {
+  // The key block's ids travel with K (stage `stage` of the id buffer).
+  auto load_k_and_ids = [&](int block, int stage) {
     load_k(block, stage);
+    if constexpr (kHasSegments) {
+      const int key0 = key_begin + block * kBlockN;
+      load_row_vector<kBlockN, Config::kThreads>(kv_ids_smem + stage * kBlockN, kv_ids() + key0,
+                                                 min(kBlockN, seqlen_k - key0), thread);
+    }
+  };
+  auto load_kv = [&](int block, int stage) {
+    load_k_and_ids(block, stage);
     load_v(block, stage);
   };
 
@@ -127,7 +148,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
   if constexpr (Config::kStages == 2) {
     load_kv(0, 0);
   } else {
-    load_k(0, 0);
+    load_k_and_ids(0, 0);
   }
   cp_async_commit();
 
@@ -135,6 +156,16 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
   const KeyWindow window = KeyWindow::make(p);
   const int warp_row0 = warp * 16 * kMTiles;  // this warp's first row within the block
   const uint32_t q_base = shared_address(q_smem);
+  const int g = lane >> 2, t = lane & 3;
+  // The id range of the warp's rows (segment variant only).
+  IdRange warp_row_ids{0, 0};
+  if constexpr (kHasSegments) {
+    int lo = INT_MAX, hi = INT_MIN;
+    for (int row = warp_row0 + lane; row < min(warp_row0 + 16 * kMTiles, valid_rows); row += 32)
+      lo = min(lo, q_ids()[row]), hi = max(hi, q_ids()[row]);
+    warp_row_ids = warp_id_range(lo, hi);
+  }
+
 
   float acc_o[kMTiles][kDTiles][4];
   zero(acc_o);
@@ -178,6 +209,28 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
         if (!window.visible<kHasWindow>(query0 + r, key0 + c)) s = -INFINITY;
       });
     }
+    // After the transform, which would turn -inf into a finite score.
+    if constexpr (kHasSegments) {
+      // Ids differ somewhere between the warp's rows and the block's keys: compare each.
+      const int32_t* block_ids = kv_ids_smem + stage * kBlockN;
+      int lo = INT_MAX, hi = INT_MIN;
+#pragma unroll
+      for (int c = lane; c < kBlockN; c += 32) lo = min(lo, block_ids[c]), hi = max(hi, block_ids[c]);
+      if (!warp_row_ids.single_id_with(warp_id_range(lo, hi))) {
+#pragma unroll
+        for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int row = warp_row0 + 16 * i + g + 8 * h;
+            const int row_id = row < valid_rows ? q_ids()[row] : 0;  // rows past the end: unused
+#pragma unroll
+            for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+              for (int e = 0; e < 2; ++e)
+                if (row_id != block_ids[8 * j + 2 * t + e]) acc_s[i][j][2 * h + e] = -INFINITY;
+          }
+      }
+    }
 
     // Online softmax. A row that has seen only masked keys keeps max = -inf; using 0 as
     // its reference keeps exp2(-inf - ref) = 0 instead of NaN.
@@ -217,7 +270,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
       // while P V runs.
       cp_async_wait<0>();
       __syncthreads();
-      if (block + 1 < num_key_blocks) load_k(block + 1, 0);
+      if (block + 1 < num_key_blocks) load_k_and_ids(block + 1, 0);
       cp_async_commit();
     }
 
@@ -249,7 +302,6 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
   cp_async_wait<0>();  // nothing is in flight, but leave no copy outstanding at exit
 
   // Normalize, write lse (natural log; +inf for rows that saw no key) and O.
-  const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int i = 0; i < kMTiles; ++i)
 #pragma unroll

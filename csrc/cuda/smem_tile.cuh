@@ -89,12 +89,11 @@ __device__ __forceinline__ void load_tile(Element* smem, const Element* gmem, in
   }
 }
 
-// Copies n floats (per-row statistics such as lse) into shared memory; entries at
-// i >= valid are zero. kCount must not exceed kThreads.
-template <int kCount, int kThreads>
-__device__ __forceinline__ void load_row_vector(float* smem, const float* gmem, int valid,
-                                                int thread) {
-  static_assert(kCount <= kThreads, "one thread per entry");
+// Copies kCount 4-byte values (per-row statistics such as lse, segment ids) into shared
+// memory; entries at i >= valid are zero. kCount must not exceed kThreads.
+template <int kCount, int kThreads, typename T>
+__device__ __forceinline__ void load_row_vector(T* smem, const T* gmem, int valid, int thread) {
+  static_assert(kCount <= kThreads && sizeof(T) == 4, "one thread per 4-byte entry");
   if (thread < kCount) {
     const bool inside = thread < valid;
     cp_async_4(shared_address(smem + thread), inside ? gmem + thread : gmem, inside ? 4 : 0);

@@ -24,6 +24,7 @@ struct ScalarAttributes {
   int64_t window_right;
   int64_t diagonal_offset;
   bool has_alibi;
+  bool has_segment_ids;
 };
 
 inline ffi::Error invalid(const std::string& what) {
@@ -51,10 +52,22 @@ inline bool same_dims(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b) {
   return true;
 }
 
-// Fills shapes, strides, scalars and forward input pointers from q, k, v and the slopes.
+// The mask operands of every call: ALiBi slopes and segment ids (placeholders of the
+// right shape when the attributes say they are off).
+struct MaskOperands {
+  const ffi::Buffer<ffi::F32>& alibi_slopes;
+  const ffi::Buffer<ffi::S32>& q_segment_ids;
+  const ffi::Buffer<ffi::S32>& kv_segment_ids;
+};
+
+inline bool has_dims(const ffi::Buffer<ffi::S32>& buffer, int64_t rows, int64_t cols) {
+  auto d = buffer.dimensions();
+  return d.size() == 2 && d[0] == rows && d[1] == cols;
+}
+
+// Fills shapes, strides, scalars and forward input pointers from q, k, v and the masks.
 inline ffi::Error decode_forward_inputs(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
-                                        const ffi::AnyBuffer& v,
-                                        const ffi::Buffer<ffi::F32>& alibi_slopes,
+                                        const ffi::AnyBuffer& v, const MaskOperands& masks,
                                         const ScalarAttributes& attrs, AttentionParams* p) {
   auto qd = q.dimensions(), kd = k.dimensions();
   if (qd.size() != 4 || kd.size() != 4) return invalid("q, k and v must have rank 4 (BSHD)");
@@ -76,16 +89,21 @@ inline ffi::Error decode_forward_inputs(const ffi::AnyBuffer& q, const ffi::AnyB
   if (attrs.window_left < -1 || attrs.window_right < -1) return invalid("window sizes must be >= -1");
   if (!(attrs.softcap >= 0.0f)) return invalid("softcap must be >= 0");
 
-  auto sd = alibi_slopes.dimensions();
+  auto sd = masks.alibi_slopes.dimensions();
   if (sd.size() != 2 || sd[0] != p->batch || sd[1] != p->num_heads)
     return invalid("alibi_slopes buffer must be (batch, num_heads) float32");
+  if (!has_dims(masks.q_segment_ids, p->batch, p->seqlen_q) ||
+      !has_dims(masks.kv_segment_ids, p->batch, p->seqlen_k))
+    return invalid("segment id buffers must be (batch, seqlen_q) and (batch, seqlen_k) int32");
 
   p->softmax_scale = attrs.softmax_scale;
   p->softcap = attrs.softcap;
   p->window_left = attrs.window_left;
   p->window_right = attrs.window_right;
   p->diagonal_offset = attrs.diagonal_offset;
-  p->alibi_slopes = attrs.has_alibi ? alibi_slopes.typed_data() : nullptr;
+  p->alibi_slopes = attrs.has_alibi ? masks.alibi_slopes.typed_data() : nullptr;
+  p->q_segment_ids = attrs.has_segment_ids ? masks.q_segment_ids.typed_data() : nullptr;
+  p->kv_segment_ids = attrs.has_segment_ids ? masks.kv_segment_ids.typed_data() : nullptr;
   p->q = q.untyped_data();
   p->k = k.untyped_data();
   p->v = v.untyped_data();
@@ -144,11 +162,10 @@ inline ffi::Error decode_gradients(const ffi::AnyBuffer& q, const ffi::AnyBuffer
 
 // Everything a forward call needs: inputs, scalars and results.
 inline ffi::Error decode_forward(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
-                                 const ffi::AnyBuffer& v,
-                                 const ffi::Buffer<ffi::F32>& alibi_slopes,
+                                 const ffi::AnyBuffer& v, const MaskOperands& masks,
                                  const ScalarAttributes& attrs, ffi::AnyBuffer& out,
                                  ffi::Buffer<ffi::F32>& lse, AttentionParams* p) {
-  if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, p); e.failure()) return e;
+  if (auto e = decode_forward_inputs(q, k, v, masks, attrs, p); e.failure()) return e;
   return decode_forward_results(q, out, lse, p);
 }
 
@@ -157,11 +174,10 @@ inline ffi::Error decode_forward(const ffi::AnyBuffer& q, const ffi::AnyBuffer& 
 inline ffi::Error decode_backward(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
                                   const ffi::AnyBuffer& v, const ffi::AnyBuffer& out,
                                   const ffi::AnyBuffer& dout, const ffi::Buffer<ffi::F32>& lse,
-                                  const ffi::Buffer<ffi::F32>& dlse,
-                                  const ffi::Buffer<ffi::F32>& alibi_slopes,
+                                  const ffi::Buffer<ffi::F32>& dlse, const MaskOperands& masks,
                                   const ScalarAttributes& attrs, ffi::AnyBuffer& dq,
                                   ffi::AnyBuffer& dk, ffi::AnyBuffer& dv, AttentionParams* p) {
-  if (auto e = decode_forward_inputs(q, k, v, alibi_slopes, attrs, p); e.failure()) return e;
+  if (auto e = decode_forward_inputs(q, k, v, masks, attrs, p); e.failure()) return e;
   if (auto e = decode_backward_operands(q, out, dout, lse, dlse, p); e.failure()) return e;
   return decode_gradients(q, k, v, dq, dk, dv, p);
 }
@@ -174,4 +190,5 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_flash::ffi_glue::ScalarAttributes,
                                       xla::ffi::StructMember<int64_t>("window_left"),
                                       xla::ffi::StructMember<int64_t>("window_right"),
                                       xla::ffi::StructMember<int64_t>("diagonal_offset"),
-                                      xla::ffi::StructMember<bool>("has_alibi"));
+                                      xla::ffi::StructMember<bool>("has_alibi"),
+                                      xla::ffi::StructMember<bool>("has_segment_ids"));
