@@ -69,6 +69,13 @@ def time_call(fn, args, batches=5, min_batch_seconds=0.03):
     return statistics.median(times)
 
 
+def save_rows(path, rows):
+    """Writes the measured rows as JSON (nothing when path is None)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
 def measure(name, attention, head_dim, seqlen, causal, mode):
     batch, heads = TOKENS // seqlen, HIDDEN // head_dim
     keys = jax.random.split(jax.random.key(seqlen * 7 + head_dim), 3)
@@ -117,9 +124,7 @@ def main():
                             cell += f" ({row['temp_mib']:.0f} MiB)"
                         line.append(f"{name}={cell}")
                     print("  ".join(line), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    save_rows(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Useful FLOPs count only each document's own causal attention: 4 * h * d * sum(n_
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 os.environ["JAX_FLASH_POISON_OUTPUTS"] = "0"  # before jax_flash is imported, as in bench_attention
@@ -21,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_flash as jf
-from bench_attention import time_call
+from bench_attention import save_rows, time_call
 
 HEADS, HEAD_DIM = 16, 128
 LAYOUTS = {
@@ -88,9 +87,7 @@ def main():
                     line.append(f"{name}=fail")
                 rows.append(row)
             print("  ".join(line), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    save_rows(args.json, rows)
 
 
 if __name__ == "__main__":
