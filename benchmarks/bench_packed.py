@@ -1,5 +1,5 @@
-"""Packed documents: one row of 16384 tokens with segment ids against the same documents as a
-padded batch, for jax_flash and for jax.nn.dot_product_attention (cuDNN, padded with
+"""Packed documents: one row of 16384 tokens with segment ids (and the same through
+flash_attn_varlen_func) against the same documents as a padded batch, for jax_flash and for jax.nn.dot_product_attention (cuDNN, padded with
 sequence lengths), causal, bf16, head dim 128, 16 heads.
 
 Useful FLOPs count only each document's own causal attention: 4 * h * d * sum(n_i^2) / 2
@@ -44,6 +44,13 @@ def variants(lengths):
     def packed(q, k, v):
         return jf.flash_attn_func(q, k, v, causal=True, q_segment_ids=ids, kv_segment_ids=ids)
 
+    cu_seqlens = jnp.asarray(np.concatenate([[0], np.cumsum(lengths)]), jnp.int32)
+
+    def varlen(q, k, v):  # the same row through the varlen API (batch axis dropped)
+        out = jf.flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max(lengths),
+                                        max(lengths), causal=True)
+        return out[None]
+
     def padded(q, k, v):  # pad tokens are computed and thrown away
         return jf.flash_attn_func(q, k, v, causal=True)
 
@@ -55,7 +62,8 @@ def variants(lengths):
     def cudnn_unpacked(q, k, v):  # the packed row as one causal sequence: what ids save
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
-    return {"jax_flash packed": (packed, False), "jax_flash padded": (padded, True),
+    return {"jax_flash packed": (packed, False), "jax_flash varlen": (varlen, False),
+            "jax_flash padded": (padded, True),
             "cudnn padded+lengths": (cudnn_padded, True),
             "cudnn whole row (no ids)": (cudnn_unpacked, False)}
 

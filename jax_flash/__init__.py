@@ -8,6 +8,11 @@ from jax_flash.attention import (
 )
 from jax_flash.nn import FallbackWarning, dot_product_attention
 from jax_flash.reference import reference_attention
+from jax_flash.varlen import (
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 from jax_flash.sequence_parallel import (
     ring_attention,
     sequence_parallel_attention,
@@ -24,6 +29,9 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "reference_attention",
     "ring_attention",
     "sequence_parallel_attention",
