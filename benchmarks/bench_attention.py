@@ -36,6 +36,9 @@ def implementations():
     def ours(q, k, v, causal):
         return jf.flash_attn_func(q, k, v, causal=causal)
 
+    def ours_deterministic(q, k, v, causal):
+        return jf.flash_attn_func(q, k, v, causal=causal, deterministic=True)
+
     def cudnn(q, k, v, causal):
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
@@ -48,7 +51,8 @@ def implementations():
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("seq",))
         return jf.sequence_parallel_attention(q, k, v, mesh, "seq", causal=causal)
 
-    return {"jax_flash": ours, "cudnn": cudnn, "xla": xla, "ring_1dev": ring_one_device}
+    return {"jax_flash": ours, "jax_flash_det": ours_deterministic, "cudnn": cudnn, "xla": xla,
+            "ring_1dev": ring_one_device}
 
 
 def time_call(fn, args, batches=5, min_batch_seconds=0.03):

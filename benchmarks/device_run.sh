@@ -42,11 +42,14 @@ run_step() {
       grep -E " (FAILED|ERROR) |^E  .*Error|passed|failed" "$OUT/gputests.log" | head -40
       ;;
     memcheck)
-      (cd tests && XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$limit" compute-sanitizer --tool memcheck \
-        --print-limit 20 --kernel-name kns=jax_flash $PY gpu_memcheck_driver.py > "$OUT/memcheck.log" 2>&1)
-      # If the sanitizer's front end dies, its target must not run on beside later steps.
-      pkill -f gpu_memcheck_driver.py && echo "killed a leftover memcheck target"
-      tail -8 "$OUT/memcheck.log"
+      # One process per option group (see gpu_memcheck_driver.py).
+      for group in masks deterministic; do
+        (cd tests && XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$limit" compute-sanitizer --tool memcheck \
+          --print-limit 20 --kernel-name kns=jax_flash $PY gpu_memcheck_driver.py $group > "$OUT/memcheck_$group.log" 2>&1)
+        # If the sanitizer's front end dies, its target must not run on beside later steps.
+        pkill -f gpu_memcheck_driver.py && echo "killed a leftover memcheck target"
+        echo "-- $group"; tail -4 "$OUT/memcheck_$group.log"
+      done
       ;;
     bench)
       (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --json "$OUT/bench.json") 2>&1 | tee "$OUT/bench.log"

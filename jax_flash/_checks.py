@@ -111,18 +111,14 @@ def check_dropout(dropout_p, dropout_key):
     if p > 0.0 or dropout_key is not None:
         raise NotImplementedError(
             "dropout (dropout_p > 0, dropout_key) is not implemented yet in jax_flash; "
-            "it is planned with packed sequences and the deterministic backward"
+            "it is planned next to the deterministic backward and segment ids"
         )
 
 
 def check_deterministic(deterministic):
     if not isinstance(deterministic, (bool, np.bool_)):
         raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
-    if deterministic:
-        raise NotImplementedError(
-            "deterministic=True is not implemented yet in jax_flash (the GPU backward with "
-            "a fixed reduction order is planned); the default backward is used otherwise"
-        )
+    return bool(deterministic)
 
 
 def placeholder_segment_ids(batch, seqlen_q, seqlen_k):

@@ -21,6 +21,7 @@ class KernelConfig:
     diagonal_offset: int
     has_alibi: bool
     has_segment_ids: bool = False
+    deterministic: bool = False
 
     def attributes(self) -> dict:
         import numpy as np
@@ -33,4 +34,5 @@ class KernelConfig:
             diagonal_offset=np.int64(self.diagonal_offset),
             has_alibi=bool(self.has_alibi),
             has_segment_ids=bool(self.has_segment_ids),
+            deterministic=bool(self.deterministic),
         )

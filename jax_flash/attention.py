@@ -42,7 +42,10 @@ def flash_attn_func(
       alibi_slopes: float32 (num_heads,) or (batch, num_heads); adds
         -slope * |i + seqlen_k - seqlen_q - j| after softcap. Treated as constants: no
         gradient flows to them.
-      deterministic: reserved for the deterministic GPU backward (not implemented yet).
+      deterministic: a backward pass whose result does not depend on the order in which
+        GPU thread blocks run (bitwise the same from run to run): dQ comes from a pass over
+        query blocks instead of atomic additions, at some cost (see benchmarks/RESULTS.md).
+        The CPU backward is deterministic either way.
       return_lse: also return the log-sum-exp of each row, (batch, num_heads, seqlen_q)
         float32, natural log; +inf for a row whose keys are all masked (its output is 0).
         Gradients flow through lse as well.
@@ -57,18 +60,18 @@ def flash_attn_func(
       out with the shape and dtype of q, or (out, lse) when return_lse is True.
     """
     _checks.check_dropout(dropout_p, dropout_key)
-    _checks.check_deterministic(deterministic)
     return _attention(
         q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        deterministic=deterministic,
     )
 
 
 def _attention(
     q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
     alibi_slopes=None, return_lse=False, diagonal_offset=None, q_segment_ids=None,
-    kv_segment_ids=None,
+    kv_segment_ids=None, deterministic=False,
 ):
     """flash_attn_func's op with a movable mask diagonal, for the layers built on it.
 
@@ -91,6 +94,7 @@ def _attention(
         diagonal_offset=_checks.check_diagonal_offset(diagonal_offset, seqlen_q, seqlen_k),
         has_alibi=slopes is not None,
         has_segment_ids=has_segment_ids,
+        deterministic=_checks.check_deterministic(deterministic),
     )
     if slopes is None:
         slopes = jnp.zeros((batch, num_heads), jnp.float32)

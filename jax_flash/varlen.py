@@ -108,7 +108,7 @@ def flash_attn_varlen_func(
       out (total_q, num_heads, head_dim), or (out, lse) with lse (num_heads, total_q).
     """
     _checks.check_dropout(dropout_p, dropout_key)
-    _checks.check_deterministic(deterministic)
+    _checks.check_deterministic(deterministic)  # checked here too for the no-sequence case
     _check_tokens(q, k, v)
     _check_max_seqlen(max_seqlen_q, "max_seqlen_q")
     _check_max_seqlen(max_seqlen_k, "max_seqlen_k")
@@ -122,7 +122,7 @@ def flash_attn_varlen_func(
             f"{alibi_slopes.shape}")
     kwargs = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                   softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True,
-                  diagonal_offset=0)
+                  diagonal_offset=0, deterministic=deterministic)
 
     if cu_q.shape[0] == 1:  # no sequences: every token is outside them
         _checks.check_window(window_size, causal)

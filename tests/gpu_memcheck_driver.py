@@ -1,6 +1,8 @@
 """Calls only jax_flash's CUDA kernels (forward and backward) on small odd shapes, for
 `compute-sanitizer --tool memcheck`; no reference, so the sanitizer sees our kernels alone.
-Not collected by pytest (no test_ prefix); benchmarks/device_run.sh runs it."""
+Not collected by pytest (no test_ prefix); benchmarks/device_run.sh runs it, one option
+group per process (`masks`, `deterministic`): with every group in one process the
+sanitizer's front end has segfaulted (2026-11-24), while each group alone ran clean."""
 
 import os
 import sys
@@ -13,13 +15,18 @@ from jax_flash.attention import _attention
 
 SHAPES = [(1, 1, 1, 2, 1, 16), (2, 17, 33, 4, 2, 64), (1, 33, 17, 4, 1, 24), (1, 130, 70, 2, 2, 7),
           (1, 70, 65, 2, 1, 256), (1, 200, 131, 2, 1, 128), (1, 77, 77, 3, 1, 160)]
-OPTIONS = [dict(), dict(causal=True), dict(window_size=(9, 3), softcap=3.0),
+MASK_OPTIONS = [dict(), dict(causal=True), dict(window_size=(9, 3), softcap=3.0),
            # a moved mask diagonal (top-left, far before and far after the keys), as the
            # ring attention and the top-left masks use it
            dict(causal=True, diagonal_offset=0), dict(window_size=(5, 2), diagonal_offset=-40),
            dict(causal=True, diagonal_offset=300),
            # packed sequences: sorted documents, and unsorted ids some queries share with no key
            dict(causal=True, segments="sorted"), dict(window_size=(7, 7), segments="random")]
+# the deterministic backward's dQ pass
+DETERMINISTIC_OPTIONS = [dict(deterministic=True), dict(causal=True, deterministic=True),
+                         dict(window_size=(7, 7), softcap=2.0, segments="random", deterministic=True)]
+GROUPS = {"masks": MASK_OPTIONS, "deterministic": DETERMINISTIC_OPTIONS}
+OPTIONS = [o for name in (sys.argv[1:] or GROUPS) for o in GROUPS[name]]
 
 
 def with_segment_ids(options, b, sq, sk, rng):

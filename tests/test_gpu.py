@@ -4,6 +4,7 @@ Runs only where JAX has a GPU and jax_flash was built with its CUDA kernels; els
 every test here is skipped with the reason.
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.skipif(
 
 STATIC = ("softmax_scale", "causal", "window_size", "softcap", "return_lse")
 flash = jax.jit(jf.flash_attn_func, static_argnames=STATIC)
+flash_deterministic = jax.jit(functools.partial(jf.flash_attn_func, deterministic=True),
+                              static_argnames=STATIC)
 reference = jax.jit(jf.reference_attention, static_argnames=STATIC)
 
 # (batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim)
@@ -70,10 +73,10 @@ def exact(fn, *args):
         return fn(*args)
 
 
-def check(shape, feature, dtype, gradients, diagonal_offset=None):
+def check(shape, feature, dtype, gradients, diagonal_offset=None, deterministic=False):
     q, k, v = random_qkv(sum(shape), *shape, dtype)
     kwargs = kwargs_for(feature, shape)
-    ours_fn, reference_fn = flash, reference
+    ours_fn, reference_fn = (flash_deterministic if deterministic else flash), reference
     if diagonal_offset is not None:  # the private op with a moved mask diagonal
         ours_fn, reference_fn = flash_offset, reference_offset
         kwargs["diagonal_offset"] = diagonal_offset
@@ -266,3 +269,27 @@ def test_varlen(shared):
     assert_within_twice_plain("out", ours, plain, exact_out, jnp.bfloat16)
     for name, a, b, c in zip(("dq", "dk", "dv"), ours_grads, plain_grads, exact_grads):
         assert_within_twice_plain(name, a, b, c, jnp.bfloat16)
+
+
+DETERMINISTIC_CASES = [((2, 300, 257, 4, 2, d), "causal") for d in (32, 64, 128, 256)] + [
+    ((1, 1000, 377, 4, 2, 96), "window_alibi"), ((2, 17, 33, 4, 2, 64), "softcap_alibi_causal"),
+    ((1, 130, 70, 2, 2, 7), "segments_random_softcap_alibi"),
+    ((1, 2048, 2048, 2, 1, 128), "segments_sorted_causal"), ((2, 1, 1, 2, 1, 16), "none")]
+
+
+@pytest.mark.parametrize("shape,feature", DETERMINISTIC_CASES, ids=str)
+def test_deterministic_backward(shape, feature):
+    check(shape, feature, jnp.bfloat16, gradients=True, deterministic=True)
+
+
+@pytest.mark.parametrize("deterministic", [True])
+def test_deterministic_backward_is_bitwise_reproducible(deterministic):
+    """Repeated runs of a backward with many key blocks per query row give the same bits."""
+    q, k, v = random_qkv(31, 1, 4096, 4096, 8, 2, 128, jnp.bfloat16)
+    loss = lambda q, k, v: jnp.sum(jf.flash_attn_func(  # noqa: E731
+        q, k, v, causal=True, deterministic=deterministic).astype(jnp.float32) ** 2)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    first = [np.asarray(g) for g in grad(q, k, v)]
+    for _ in range(3):
+        for a, b in zip(first, grad(q, k, v)):
+            np.testing.assert_array_equal(a, np.asarray(b))

@@ -98,3 +98,14 @@ def test_alibi_slopes_get_no_gradient():
     slopes = alibi_slopes_for(2)
     g = jax.grad(lambda s: jnp.sum(jf.flash_attn_func(q, k, v, alibi_slopes=s)))(slopes)
     np.testing.assert_array_equal(g, 0.0)
+
+
+def test_deterministic_flag_on_cpu():
+    """The CPU backward is deterministic either way: the flag changes nothing."""
+    shape, kwargs = (2, 40, 50, 4, 2, 32), dict(causal=True, softcap=2.0)
+    q, k, v = random_qkv(9, *shape, jnp.float32)
+    grads = [jax.jit(jax.grad(lambda q, k, v, det=det: jnp.sum(jf.flash_attn_func(
+        q, k, v, deterministic=det, **kwargs) ** 2), argnums=(0, 1, 2)))(q, k, v)
+        for det in (False, True)]
+    for a, b in zip(*grads):
+        np.testing.assert_array_equal(a, b)

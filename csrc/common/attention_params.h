@@ -55,6 +55,10 @@ struct AttentionParams {
   const int32_t* q_segment_ids = nullptr;
   const int32_t* kv_segment_ids = nullptr;
 
+  // Backward only: results that do not depend on the order in which thread blocks run
+  // (CUDA: dQ by a pass over query blocks instead of atomics). The CPU is always so.
+  bool deterministic = false;
+
   // Forward operands.
   const void* q = nullptr;
   const void* k = nullptr;

@@ -312,7 +312,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       cp_async_commit();
     }
 
-    // ---- Phase C: dQ += dS K, accumulated in float32 across key blocks by atomics.
+    // ---- Phase C: dQ += dS K, accumulated in float32 across key blocks by atomics (in a
+    // deterministic call, backward_dq_kernel.cuh computes dQ instead).
+    if (p.deterministic) continue;
     float acc_dq[Config::kMTilesC][Config::kNTilesC][4];
     zero(acc_dq);
     warp_gemm<Config::kMTilesC, Config::kNTilesC, kBlockN, PTile, KOrder::kStrided, KVTile,

@@ -8,6 +8,7 @@
 #include <string>
 #include <type_traits>
 
+#include "cuda/backward_dq_kernel.cuh"
 #include "cuda/backward_kernel.cuh"
 #include "cuda/launch.h"
 
@@ -41,6 +42,25 @@ Status launch_backward_sm80(const AttentionParams& p, const BackwardWorkspace& w
       return launch_backward_config<Fallback, Element>(p, workspace, options, stream);
   }
   return launch_backward_config<Config, Element>(p, workspace, options, stream);
+}
+
+template <int kHeadDimClass, typename Element>
+Status launch_backward_dq_sm80(const AttentionParams& p, const BackwardWorkspace& workspace,
+                               const LaunchOptions& options, cudaStream_t stream) {
+  using Config = DqConfig<kHeadDimClass>;
+  constexpr int kSmem = Config::kSmemBytes;
+  // Masking variants: none, window (causal or sliding), window and segment ids.
+  auto kernel = p.has_segment_ids() ? backward_dq_kernel_sm80<Config, Element, true, true>
+                : p.has_window()    ? backward_dq_kernel_sm80<Config, Element, true, false>
+                                    : backward_dq_kernel_sm80<Config, Element, false, false>;
+  if (Status s = allow_shared_memory(
+          kernel, kSmem, options, "head_dim " + std::to_string(kHeadDimClass) + " deterministic dQ");
+      !s.ok())
+    return s;
+  const dim3 grid(static_cast<unsigned>((p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM),
+                  static_cast<unsigned>(p.num_heads), static_cast<unsigned>(p.batch));
+  kernel<<<grid, Config::kThreads, kSmem, stream>>>(p, workspace, options.vectorized);
+  return Status::FromCuda(cudaGetLastError(), "launching the deterministic dQ kernel");
 }
 
 }  // namespace jax_flash::cuda

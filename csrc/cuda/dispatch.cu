@@ -218,7 +218,17 @@ Status backward_sm80(int d, const AttentionParams& p, const BackwardWorkspace& w
   });
 }
 
-// delta and dQ accumulator zeroing, main kernel, dQ conversion, in order on one stream.
+template <typename Element>
+Status backward_dq_sm80(int d, const AttentionParams& p, const BackwardWorkspace& workspace,
+                        const LaunchOptions& options, cudaStream_t stream) {
+  return with_head_dim_class(d, [&](auto head_dim_class) {
+    return launch_backward_dq_sm80<decltype(head_dim_class)::value, Element>(p, workspace,
+                                                                            options, stream);
+  });
+}
+
+// delta and dQ accumulator zeroing, main kernel, dQ conversion, in order on one stream; in
+// a deterministic call the dQ pass replaces the atomics and the conversion.
 template <typename Element>
 Status backward_all(int d, const AttentionParams& p, const BackwardWorkspace& workspace,
                     const LaunchOptions& options, cudaStream_t stream) {
@@ -231,9 +241,9 @@ Status backward_all(int d, const AttentionParams& p, const BackwardWorkspace& wo
   if (p.seqlen_k > 0) {
     if (Status s = backward_sm80<Element>(d, p, workspace, options, stream); !s.ok()) return s;
   }
-  if (has_rows)
-    return launch_backward_finish_dq<Element>(p, workspace, options.vectorized, stream);
-  return Status::Ok();
+  if (!has_rows) return Status::Ok();
+  if (p.deterministic) return backward_dq_sm80<Element>(d, p, workspace, options, stream);
+  return launch_backward_finish_dq<Element>(p, workspace, options.vectorized, stream);
 }
 
 size_t round_up(size_t bytes) {

@@ -274,30 +274,9 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
       cp_async_commit();
     }
 
-    // O += P V. The S accumulator layout of two adjacent 8-key tiles is exactly the A
-    // fragment of a 16-key step, so P never leaves registers.
-    const uint32_t v_base = shared_address(v_smem(stage));
-#pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      uint32_t a[kMTiles][4];
-#pragma unroll
-      for (int i = 0; i < kMTiles; ++i) {
-        a[i][0] = ElementTraits<Element>::pack(acc_s[i][2 * kk][0], acc_s[i][2 * kk][1]);
-        a[i][1] = ElementTraits<Element>::pack(acc_s[i][2 * kk][2], acc_s[i][2 * kk][3]);
-        a[i][2] = ElementTraits<Element>::pack(acc_s[i][2 * kk + 1][0], acc_s[i][2 * kk + 1][1]);
-        a[i][3] = ElementTraits<Element>::pack(acc_s[i][2 * kk + 1][2], acc_s[i][2 * kk + 1][3]);
-      }
-#pragma unroll
-      for (int j = 0; j < kDTiles; j += 2) {
-        uint32_t b[4];
-        load_b_fragments<KVTile, KOrder::kStrided>(b, v_base, 8 * j, 16 * kk, lane);
-#pragma unroll
-        for (int i = 0; i < kMTiles; ++i) {
-          mma_16816<kBF16>(acc_o[i][j], a[i], b[0], b[1]);
-          mma_16816<kBF16>(acc_o[i][j + 1], a[i], b[2], b[3]);
-        }
-      }
-    }
+    // O += P V, with P straight from the S accumulator.
+    warp_gemm_a_registers<kMTiles, kDTiles, kBlockN, Element, KVTile, KOrder::kStrided>(
+        acc_o, acc_s, shared_address(v_smem(stage)), 0, lane);
   }
   cp_async_wait<0>();  // nothing is in flight, but leave no copy outstanding at exit
 

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 
+#include "cuda/element.cuh"
 #include "cuda/ptx.cuh"
 
 namespace jax_flash::cuda {
@@ -86,6 +87,39 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[kMTiles][kNTiles][4], uin
       for (int i = 0; i < kMTiles; ++i) {
         mma_16816<kBFloat16>(acc[i][j], a[i], b[0], b[1]);
         mma_16816<kBFloat16>(acc[i][j + 1], a[i], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc[i][j] += A[16i.., 0..kK) * B[0..kK, n0 + 8j ..) with A in registers: the float32
+// accumulator of an earlier product, a_acc[i][k-tile], rounded to Element on the way. The
+// accumulator layout of two adjacent 8-column tiles is exactly the A fragment of one
+// 16-wide k step, so A never goes through shared memory.
+template <int kMTiles, int kNTiles, int kK, typename Element, class BTile, KOrder kBOrder>
+__device__ __forceinline__ void warp_gemm_a_registers(float (&acc)[kMTiles][kNTiles][4],
+                                                      const float (&a_acc)[kMTiles][kK / 8][4],
+                                                      uint32_t b_base, int n0, int lane) {
+  using Traits = ElementTraits<Element>;
+  static_assert(kNTiles % 2 == 0 && kK % 16 == 0, "B is loaded two n-tiles at a time");
+#pragma unroll
+  for (int kk = 0; kk < kK / 16; ++kk) {
+    uint32_t a[kMTiles][4];
+#pragma unroll
+    for (int i = 0; i < kMTiles; ++i) {
+      a[i][0] = Traits::pack(a_acc[i][2 * kk][0], a_acc[i][2 * kk][1]);
+      a[i][1] = Traits::pack(a_acc[i][2 * kk][2], a_acc[i][2 * kk][3]);
+      a[i][2] = Traits::pack(a_acc[i][2 * kk + 1][0], a_acc[i][2 * kk + 1][1]);
+      a[i][3] = Traits::pack(a_acc[i][2 * kk + 1][2], a_acc[i][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int j = 0; j < kNTiles; j += 2) {
+      uint32_t b[4];
+      load_b_fragments<BTile, kBOrder>(b, b_base, n0 + 8 * j, 16 * kk, lane);
+#pragma unroll
+      for (int i = 0; i < kMTiles; ++i) {
+        mma_16816<Traits::kIsBFloat16>(acc[i][j], a[i], b[0], b[1]);
+        mma_16816<Traits::kIsBFloat16>(acc[i][j + 1], a[i], b[2], b[3]);
       }
     }
   }

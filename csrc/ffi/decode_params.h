@@ -25,6 +25,7 @@ struct ScalarAttributes {
   int64_t diagonal_offset;
   bool has_alibi;
   bool has_segment_ids;
+  bool deterministic;
 };
 
 inline ffi::Error invalid(const std::string& what) {
@@ -104,6 +105,7 @@ inline ffi::Error decode_forward_inputs(const ffi::AnyBuffer& q, const ffi::AnyB
   p->alibi_slopes = attrs.has_alibi ? masks.alibi_slopes.typed_data() : nullptr;
   p->q_segment_ids = attrs.has_segment_ids ? masks.q_segment_ids.typed_data() : nullptr;
   p->kv_segment_ids = attrs.has_segment_ids ? masks.kv_segment_ids.typed_data() : nullptr;
+  p->deterministic = attrs.deterministic;
   p->q = q.untyped_data();
   p->k = k.untyped_data();
   p->v = v.untyped_data();
@@ -191,4 +193,5 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_flash::ffi_glue::ScalarAttributes,
                                       xla::ffi::StructMember<int64_t>("window_right"),
                                       xla::ffi::StructMember<int64_t>("diagonal_offset"),
                                       xla::ffi::StructMember<bool>("has_alibi"),
-                                      xla::ffi::StructMember<bool>("has_segment_ids"));
+                                      xla::ffi::StructMember<bool>("has_segment_ids"),
+                                      xla::ffi::StructMember<bool>("deterministic"));

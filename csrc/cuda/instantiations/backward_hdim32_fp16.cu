@@ -5,4 +5,7 @@ namespace jax_flash::cuda {
 template Status launch_backward_sm80<32, __half>(const AttentionParams&,
                                                  const BackwardWorkspace&, const LaunchOptions&,
                                                  cudaStream_t);
+template Status launch_backward_dq_sm80<32, __half>(const AttentionParams&,
+                                                    const BackwardWorkspace&, const LaunchOptions&,
+                                                    cudaStream_t);
 }  // namespace jax_flash::cuda

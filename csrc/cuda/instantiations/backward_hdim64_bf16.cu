@@ -5,4 +5,7 @@ namespace jax_flash::cuda {
 template Status launch_backward_sm80<64, __nv_bfloat16>(const AttentionParams&,
                                                  const BackwardWorkspace&, const LaunchOptions&,
                                                  cudaStream_t);
+template Status launch_backward_dq_sm80<64, __nv_bfloat16>(const AttentionParams&,
+                                                    const BackwardWorkspace&, const LaunchOptions&,
+                                                    cudaStream_t);
 }  // namespace jax_flash::cuda
