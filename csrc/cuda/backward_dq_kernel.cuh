@@ -80,14 +80,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   Element* dq = static_cast<Element*>(p.dq) + batch * p.q_strides.batch +
                 row0 * p.q_strides.row + head * p.q_strides.head;
 
-  IndexRange keys = visible_keys(p, row0, row0 + valid_rows);
+  const IndexRange keys =
+      keys_of_query_block<Config::kThreads, kHasSegments>(p, batch, row0, valid_rows);
   auto q_ids = [&] { return p.q_segment_ids + batch * p.seqlen_q + row0; };
   auto kv_ids = [&] { return p.kv_segment_ids + batch * p.seqlen_k; };
-  if constexpr (kHasSegments) {
-    __shared__ int reduce_scratch[2];
-    const CtaReduce<Config::kThreads> cta{reduce_scratch};
-    keys = cta.narrow(kv_ids(), seqlen_k, keys, cta.ids_range(q_ids(), valid_rows));
-  }
   if (keys.empty()) {  // no row of this block sees a key: dQ = 0
     for (int i = thread; i < valid_rows * head_dim; i += Config::kThreads)
       dq[(i / head_dim) * p.q_strides.row + i % head_dim] = ElementTraits<Element>::from_float(0.0f);

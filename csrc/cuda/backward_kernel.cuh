@@ -128,15 +128,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int key0 = key_block * kBlockN;
   const int valid_keys = min(kBlockN, seqlen_k - key0);
 
-  IndexRange queries = visible_queries(p, key0, key0 + valid_keys);
-  // Packed sequences: only queries whose ids fall in this key block's id range can see it.
+  const IndexRange queries =
+      queries_of_key_block<Config::kThreads, kHasSegments>(p, batch, key0, valid_keys);
   auto q_ids = [&] { return p.q_segment_ids + batch * p.seqlen_q; };
   auto kv_ids = [&] { return p.kv_segment_ids + batch * p.seqlen_k + key0; };
-  if constexpr (kHasSegments) {
-    __shared__ int reduce_scratch[2];
-    const CtaReduce<Config::kThreads> cta{reduce_scratch};
-    queries = cta.narrow(q_ids(), seqlen_q, queries, cta.ids_range(kv_ids(), valid_keys));
-  }
   const int query_begin = static_cast<int>(queries.begin);
   const int blocks_per_head =
       queries.empty() ? 0 : (static_cast<int>(queries.end) - query_begin + kBlockM - 1) / kBlockM;

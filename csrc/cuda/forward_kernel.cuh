@@ -93,16 +93,10 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
                  row0 * p.out_strides.row + head * p.out_strides.head;
   float* lse = p.lse + (batch * p.num_heads + head) * p.seqlen_q + row0;
 
-  IndexRange keys = visible_keys(p, row0, row0 + valid_rows);
-  // Packed sequences: only keys whose ids fall in this block's id range can be visible.
+  const IndexRange keys =
+      keys_of_query_block<Config::kThreads, kHasSegments>(p, batch, row0, valid_rows);
   auto q_ids = [&] { return p.q_segment_ids + batch * p.seqlen_q + row0; };
   auto kv_ids = [&] { return p.kv_segment_ids + batch * p.seqlen_k; };
-  if constexpr (kHasSegments) {
-    __shared__ int reduce_scratch[2];
-    const CtaReduce<Config::kThreads> cta{reduce_scratch};
-    keys = cta.narrow(kv_ids(), static_cast<int>(p.seqlen_k), keys,
-                      cta.ids_range(q_ids(), valid_rows));
-  }
   if (keys.empty()) {  // every row of this block is fully masked: out = 0, lse = +inf
     for (int i = thread; i < valid_rows * head_dim; i += Config::kThreads)
       out[(i / head_dim) * p.out_strides.row + i % head_dim] = ElementTraits<Element>::from_float(0.0f);
