@@ -15,6 +15,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/attention_params.h"
 #include "cuda/element.cuh"
@@ -169,30 +170,27 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       for (int c = lane; c < kBlockN; c += 32) lo = min(lo, block_ids[c]), hi = max(hi, block_ids[c]);
       segment_masked = !warp_row_ids.single_id_with(warp_id_range(lo, hi));
     }
-    const bool general = !transform.plain || masked || segment_masked;
+    // Tiles that need neither the transform nor a mask take the short path (a uniform
+    // branch per warp), as in the key-block kernel.
+    auto score_grads = [&](auto general_tag) {
+      constexpr bool kGeneral = decltype(general_tag)::value;
 #pragma unroll
-    for (int j = 0; j < kNTiles; ++j)
+      for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int h = c >> 1, row = warp_row0 + g + 8 * h, col = 8 * j + 2 * t + (c & 1);
-        float score = acc_s[0][j][c];
-        float ds_scale = transform.scale;
-        if (general) {
-          const int query = row0 + row, key = key0 + col;
-          if (!transform.plain) {
-            float tanh_value;
-            score = transform.apply(score, query, key, window.diagonal_offset, &tanh_value);
-            ds_scale *= 1.0f - tanh_value * tanh_value;  // softcap'
-          }
-          if (masked && !window.visible<kHasWindow>(query, key)) score = -INFINITY;
-          if constexpr (kHasSegments) {
-            if (segment_masked && row < valid_rows && q_ids()[row] != block_ids[col])
-              score = -INFINITY;
-          }
+        for (int c = 0; c < 4; ++c) {
+          const int h = c >> 1, row = warp_row0 + g + 8 * h, col = 8 * j + 2 * t + (c & 1);
+          const bool hidden = kGeneral && kHasSegments && segment_masked && row < valid_rows &&
+                              q_ids()[row] != block_ids[col];
+          acc_s[0][j][c] = probability_and_grad<kGeneral, kHasWindow>(  // dS
+              acc_s[0][j][c], acc_dp[0][j][c], lse_log2[h], delta[h], transform, window, masked,
+              hidden, row0 + row, key0 + col).y;
         }
-        const float prob = fast_exp2(fmaf(score, transform.exp_scale, -lse_log2[h]));
-        acc_s[0][j][c] = prob * (acc_dp[0][j][c] - delta[h]) * ds_scale;  // dS
-      }
+    };
+    if (transform.plain && !masked && !segment_masked) {
+      score_grads(std::false_type{});
+    } else {
+      score_grads(std::true_type{});
+    }
     // dQ += dS K, with dS from registers.
     warp_gemm_a_registers<1, kDTiles, kBlockN, Element, KVTile, KOrder::kStrided>(
         acc_dq, acc_s, shared_address(k_smem(stage)), 0, lane);

@@ -262,27 +262,17 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
             float prob[2], grad[2];
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              float score = acc_s[i][j][2 * h + e];
-              float ds_scale = transform.scale;
-              if constexpr (kGeneral) {
-                const int key = key0 + key0_a + 16 * i + g + 8 * h;
-                const int query = query0 + query0_a + 8 * j + 2 * t + e;
-                if (!transform.plain) {
-                  float tanh_value;
-                  score = transform.apply(score, query, key, window.diagonal_offset, &tanh_value);
-                  ds_scale *= 1.0f - tanh_value * tanh_value;  // softcap'
-                }
-                if (masked && !window.visible<kHasWindow>(query, key)) score = -INFINITY;
-                // (Keys past the block's end are masked above and have no id to read.)
-                if constexpr (kHasSegments) {
-                  if (segment_masked && key - key0 < valid_keys &&
-                      kv_ids()[key - key0] != q_ids_smem(s)[query - query0])
-                    score = -INFINITY;
-                }
-              }
-              // lse = +inf (a query that saw no key) also gives exactly 0 here.
-              prob[e] = fast_exp2(fmaf(score, transform.exp_scale, -lse_log2[j][e]));
-              grad[e] = prob[e] * (acc_dp[i][j][2 * h + e] - delta[j][e]) * ds_scale;
+              const int key = key0 + key0_a + 16 * i + g + 8 * h;
+              const int query = query0 + query0_a + 8 * j + 2 * t + e;
+              // (Keys past the block's end are masked by the window and have no id to read.)
+              const bool hidden = kGeneral && kHasSegments && segment_masked &&
+                                  key - key0 < valid_keys &&
+                                  kv_ids()[key - key0] != q_ids_smem(s)[query - query0];
+              const float2 pg = probability_and_grad<kGeneral, kHasWindow>(
+                  acc_s[i][j][2 * h + e], acc_dp[i][j][2 * h + e], lse_log2[j][e], delta[j][e],
+                  transform, window, masked, hidden, query, key);
+              prob[e] = pg.x;
+              grad[e] = pg.y;
             }
             const int row = key0_a + 16 * i + g + 8 * h, col = query0_a + 8 * j + 2 * t;
             *reinterpret_cast<uint32_t*>(p_smem + PTile::offset(row, col)) = Traits::pack(prob[0], prob[1]);

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "common/attention_params.h"
+#include "cuda/ptx.cuh"
 
 namespace jax_flash::cuda {
 
@@ -92,5 +93,29 @@ struct KeyWindow {
     return false;
   }
 };
+
+// The backward's step for one element, shared by the key-block kernel and the deterministic
+// dQ pass: the score (transformed and masked in the general path only), P = exp(score - lse)
+// recomputed from the forward's lse (log2 units), and dS = P (dP - delta) (softcap') scale.
+// Returns {P, dS}. lse = +inf (a query that saw no key) gives exactly 0 for both.
+template <bool kGeneral, bool kHasWindow>
+__device__ __forceinline__ float2 probability_and_grad(float dot, float dp, float lse_log2,
+                                                       float delta,
+                                                       const ScoreTransform& transform,
+                                                       const KeyWindow& window, bool window_masked,
+                                                       bool hidden_by_segment, int query, int key) {
+  float score = dot, ds_scale = transform.scale;
+  if constexpr (kGeneral) {
+    if (!transform.plain) {
+      float tanh_value;
+      score = transform.apply(score, query, key, window.diagonal_offset, &tanh_value);
+      ds_scale *= 1.0f - tanh_value * tanh_value;  // softcap'
+    }
+    if (window_masked && !window.visible<kHasWindow>(query, key)) score = -INFINITY;
+    if (hidden_by_segment) score = -INFINITY;
+  }
+  const float prob = fast_exp2(fmaf(score, transform.exp_scale, -lse_log2));
+  return make_float2(prob, prob * (dp - delta) * ds_scale);
+}
 
 }  // namespace jax_flash::cuda
