@@ -108,13 +108,12 @@ def flash_attn_varlen_func(
       out (total_q, num_heads, head_dim), or (out, lse) with lse (num_heads, total_q).
     """
     _checks.check_dropout(dropout_p, dropout_key)
-    _checks.check_deterministic(deterministic)  # checked here too for the no-sequence case
     _check_tokens(q, k, v)
     _check_max_seqlen(max_seqlen_q, "max_seqlen_q")
     _check_max_seqlen(max_seqlen_k, "max_seqlen_k")
     shared_offsets = cu_seqlens_q is cu_seqlens_k
     cu_q, cu_k = _check_cu_seqlens(cu_seqlens_q, cu_seqlens_k)
-    total_q, num_heads, head_dim = q.shape
+    total_q, num_heads = q.shape[:2]
     total_k = k.shape[0]
     if alibi_slopes is not None and _checks.array_shape(alibi_slopes, "alibi_slopes") != (num_heads,):
         raise ValueError(
@@ -124,13 +123,11 @@ def flash_attn_varlen_func(
                   softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True,
                   diagonal_offset=0, deterministic=deterministic)
 
-    if cu_q.shape[0] == 1:  # no sequences: every token is outside them
-        _checks.check_window(window_size, causal)
-        _checks.check_softcap(softcap)
-        _checks.check_softmax_scale(softmax_scale, head_dim)
-        out = jnp.zeros(q.shape, q.dtype)
-        lse = jnp.full((num_heads, total_q), jnp.inf, jnp.float32)
-        return (out, lse) if return_lse else out
+    if cu_q.shape[0] == 1:
+        # No sequences: one empty sequence at the single offset leaves every token outside
+        # the sequences (zero outputs), through the same path as any other call.
+        cu_q, cu_k = (jnp.concatenate([cu, cu]) for cu in (cu_q, cu_k))
+        shared_offsets = False
 
     len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
     well_formed = (cu_q[0] == 0) & (cu_k[0] == 0) & jnp.all(len_q >= 0) & jnp.all(len_k >= 0)

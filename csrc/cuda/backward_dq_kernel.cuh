@@ -132,12 +132,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     delta[h] = row < valid_rows ? workspace.delta[stats_row + g + 8 * h] : 0.0f;
   }
   IdRange warp_row_ids{0, 0};
-  if constexpr (kHasSegments) {
-    int lo = INT_MAX, hi = INT_MIN;
-    if (warp_row0 + (lane & 15) < valid_rows && lane < 16)
-      lo = hi = q_ids()[warp_row0 + lane];
-    warp_row_ids = warp_id_range(lo, hi);
-  }
+  if constexpr (kHasSegments)
+    warp_row_ids = warp_ids_range<16>(q_ids() + warp_row0, valid_rows - warp_row0, lane);
 
   float acc_dq[1][kDTiles][4];
   zero(acc_dq);
@@ -164,12 +160,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         window.tile_needs_mask<kHasWindow>(row0, row0 + valid_rows, key0, key0 + kBlockN);
     bool segment_masked = false;
     const int32_t* block_ids = kv_ids_smem + stage * kBlockN;
-    if constexpr (kHasSegments) {
-      int lo = INT_MAX, hi = INT_MIN;
-#pragma unroll
-      for (int c = lane; c < kBlockN; c += 32) lo = min(lo, block_ids[c]), hi = max(hi, block_ids[c]);
-      segment_masked = !warp_row_ids.single_id_with(warp_id_range(lo, hi));
-    }
+    if constexpr (kHasSegments)
+      segment_masked =
+          !warp_row_ids.single_id_with(warp_ids_range<kBlockN>(block_ids, kBlockN, lane));
     // Tiles that need neither the transform nor a mask take the short path (a uniform
     // branch per warp), as in the key-block kernel.
     auto score_grads = [&](auto general_tag) {

@@ -193,12 +193,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int g = lane >> 2, t = lane & 3;
   // The id range of the keys of this warp's phase-A rows (segment variant only).
   IdRange warp_key_ids{0, 0};
-  if constexpr (kHasSegments) {
-    static_assert(Config::kKeysA <= 32, "one key per lane");
-    const bool has_key = lane < Config::kKeysA && key0_a + lane < valid_keys;
-    const int key_id = has_key ? kv_ids()[key0_a + lane] : 0;
-    warp_key_ids = warp_id_range(has_key ? key_id : INT_MAX, has_key ? key_id : INT_MIN);
-  }
+  if constexpr (kHasSegments)
+    warp_key_ids = warp_ids_range<Config::kKeysA>(kv_ids() + key0_a, valid_keys - key0_a, lane);
 
   float acc_dkv[Config::kMTilesB][Config::kNTilesB][4];  // dK or dV, see dk_warp
   zero(acc_dkv);
@@ -240,15 +236,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         query0, min(query0 + kBlockM, seqlen_q), key0, key0 + kBlockN);
     // Ids differ somewhere between the warp's keys and queries: compare each element.
     bool segment_masked = false;
-    if constexpr (kHasSegments) {
-      int lo = INT_MAX, hi = INT_MIN;
-#pragma unroll
-      for (int c = lane; c < Config::kQueriesA; c += 32) {
-        const int id = q_ids_smem(s)[query0_a + c];
-        lo = min(lo, id), hi = max(hi, id);
-      }
-      segment_masked = !warp_key_ids.single_id_with(warp_id_range(lo, hi));
-    }
+    if constexpr (kHasSegments)
+      segment_masked = !warp_key_ids.single_id_with(warp_ids_range<Config::kQueriesA>(
+          q_ids_smem(s) + query0_a, Config::kQueriesA, lane));
     // Most tiles need neither the score transform nor the mask: they take a short path
     // with no per-element index arithmetic or selects (a uniform branch per tile).
     auto probabilities_and_grads = [&](auto general_tag) {

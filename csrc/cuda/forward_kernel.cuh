@@ -153,12 +153,8 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
   const int g = lane >> 2, t = lane & 3;
   // The id range of the warp's rows (segment variant only).
   IdRange warp_row_ids{0, 0};
-  if constexpr (kHasSegments) {
-    int lo = INT_MAX, hi = INT_MIN;
-    for (int row = warp_row0 + lane; row < min(warp_row0 + 16 * kMTiles, valid_rows); row += 32)
-      lo = min(lo, q_ids()[row]), hi = max(hi, q_ids()[row]);
-    warp_row_ids = warp_id_range(lo, hi);
-  }
+  if constexpr (kHasSegments)
+    warp_row_ids = warp_ids_range<16 * kMTiles>(q_ids() + warp_row0, valid_rows - warp_row0, lane);
 
 
   float acc_o[kMTiles][kDTiles][4];
@@ -207,10 +203,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
     if constexpr (kHasSegments) {
       // Ids differ somewhere between the warp's rows and the block's keys: compare each.
       const int32_t* block_ids = kv_ids_smem + stage * kBlockN;
-      int lo = INT_MAX, hi = INT_MIN;
-#pragma unroll
-      for (int c = lane; c < kBlockN; c += 32) lo = min(lo, block_ids[c]), hi = max(hi, block_ids[c]);
-      if (!warp_row_ids.single_id_with(warp_id_range(lo, hi))) {
+      if (!warp_row_ids.single_id_with(warp_ids_range<kBlockN>(block_ids, kBlockN, lane))) {
 #pragma unroll
         for (int i = 0; i < kMTiles; ++i)
 #pragma unroll

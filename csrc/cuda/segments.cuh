@@ -18,9 +18,6 @@ namespace jax_flash::cuda {
 struct IdRange {
   int lo;
   int hi;  // inclusive; lo > hi when empty
-  __device__ __forceinline__ bool meets(const IdRange& other) const {
-    return lo <= other.hi && other.lo <= hi;
-  }
   // Every pair of the two ranges has equal ids.
   __device__ __forceinline__ bool single_id_with(const IdRange& other) const {
     return lo == hi && other.lo == other.hi && lo == other.lo;
@@ -34,6 +31,17 @@ __device__ __forceinline__ IdRange warp_id_range(int lo, int hi) {
     hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, offset));
   }
   return {lo, hi};
+}
+
+// The range of ids[0, count) over a warp (every lane gets it); count <= kMaxCount, a
+// compile-time bound so that the loop unrolls. Empty when count <= 0.
+template <int kMaxCount>
+__device__ __forceinline__ IdRange warp_ids_range(const int32_t* ids, int count, int lane) {
+  int lo = INT_MAX, hi = INT_MIN;
+#pragma unroll
+  for (int i = lane; i < kMaxCount; i += 32)
+    if (i < count) lo = min(lo, ids[i]), hi = max(hi, ids[i]);
+  return warp_id_range(lo, hi);
 }
 
 // Reductions over the whole CTA through two shared ints. Every thread must call them (they
