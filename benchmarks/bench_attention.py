@@ -39,6 +39,20 @@ def implementations():
     def ours_deterministic(q, k, v, causal):
         return jf.flash_attn_func(q, k, v, causal=causal, deterministic=True)
 
+    dropout_key = jax.random.key(0)
+
+    def ours_dropout(q, k, v, causal):
+        return jf.flash_attn_func(q, k, v, causal=causal, dropout_p=0.1, dropout_key=dropout_key)
+
+    def cudnn_dropout(q, k, v, causal):
+        # jax.nn.dot_product_attention has no dropout; its cuDNN backend does (private API,
+        # so a failure here becomes an error row rather than stopping the run).
+        from jax._src.cudnn import fused_attention_stablehlo as cudnn_attention
+
+        mask_type = cudnn_attention.MaskType.CAUSAL if causal else cudnn_attention.MaskType.NO_MASK
+        return cudnn_attention.dot_product_attention(
+            q, k, v, scale=q.shape[-1] ** -0.5, dropout_rate=0.1, mask_type=mask_type)
+
     def cudnn(q, k, v, causal):
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
 
@@ -51,8 +65,9 @@ def implementations():
         mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("seq",))
         return jf.sequence_parallel_attention(q, k, v, mesh, "seq", causal=causal)
 
-    return {"jax_flash": ours, "jax_flash_det": ours_deterministic, "cudnn": cudnn, "xla": xla,
-            "ring_1dev": ring_one_device}
+    return {"jax_flash": ours, "jax_flash_det": ours_deterministic,
+            "jax_flash_dropout": ours_dropout, "cudnn": cudnn, "cudnn_dropout": cudnn_dropout,
+            "xla": xla, "ring_1dev": ring_one_device}
 
 
 def time_call(fn, args, batches=5, min_batch_seconds=0.03):

@@ -6,6 +6,7 @@ from jax_flash.attention import (
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
 )
+from jax_flash.dropout import dropout_mask
 from jax_flash.nn import FallbackWarning, dot_product_attention
 from jax_flash.reference import reference_attention
 from jax_flash.varlen import (
@@ -26,6 +27,7 @@ __all__ = [
     "FallbackWarning",
     "HAS_CUDA_KERNELS",
     "dot_product_attention",
+    "dropout_mask",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",

@@ -41,8 +41,8 @@ def _fold_into_batch(fn, axis_size, in_batched, args):
 
 @functools.lru_cache(maxsize=None)
 def forward_fn(config: KernelConfig):
-    """(q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids) -> (out, lse), batchable over
-    any subset of arguments."""
+    """(q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids, dropout_seeds) -> (out, lse),
+    batchable over any subset of arguments."""
 
     @custom_vmap
     def forward(*operands):
@@ -59,13 +59,16 @@ def forward_fn(config: KernelConfig):
     return forward
 
 
-def _fold_query_into_heads(forward, axis_size, q, k, v, alibi_slopes, *segment_ids):
+def _fold_query_into_heads(forward, axis_size, q, k, v, alibi_slopes, q_segment_ids,
+                          kv_segment_ids, dropout_seeds):
     # Head h of copy c becomes head h * axis_size + c, so it still maps to kv head
-    # h // (num_heads // num_heads_kv): the copies form part of each GQA group.
+    # h // (num_heads // num_heads_kv): the copies form part of each GQA group. Per-head
+    # operands are repeated, so every copy keeps its head's slope and dropout seeds.
     n, batch, seqlen_q, num_heads, head_dim = q.shape
     q_heads = jnp.moveaxis(q, 0, 3).reshape(batch, seqlen_q, num_heads * n, head_dim)
     slopes = jnp.repeat(alibi_slopes, n, axis=1)
-    out, lse = forward(q_heads, k, v, slopes, *segment_ids)
+    seeds = jnp.repeat(dropout_seeds, n, axis=1)
+    out, lse = forward(q_heads, k, v, slopes, q_segment_ids, kv_segment_ids, seeds)
     out = jnp.moveaxis(out.reshape(batch, seqlen_q, num_heads, n, head_dim), 3, 0)
     lse = jnp.moveaxis(lse.reshape(batch, num_heads, n, seqlen_q), 2, 0)
     return out, lse
@@ -73,8 +76,8 @@ def _fold_query_into_heads(forward, axis_size, q, k, v, alibi_slopes, *segment_i
 
 @functools.lru_cache(maxsize=None)
 def backward_fn(config: KernelConfig):
-    """(q, k, v, out, dout, lse, dlse, alibi_slopes, q_segment_ids, kv_segment_ids) ->
-    (dq, dk, dv), batchable.
+    """(q, k, v, out, dout, lse, dlse, alibi_slopes, q_segment_ids, kv_segment_ids,
+    dropout_seeds) -> (dq, dk, dv), batchable.
 
     Mapped axes always fold into the batch: each mapped copy needs its own dk and dv, which
     folding into heads would sum together.

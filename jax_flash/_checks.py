@@ -104,15 +104,23 @@ def check_diagonal_offset(diagonal_offset, seqlen_q, seqlen_k):
     return offset
 
 
+MAX_DROPOUT_P = 1.0 - 2.0 ** -17  # keeps at least one 16-bit draw in 2^16
+
+
 def check_dropout(dropout_p, dropout_key):
+    """Returns dropout_p as a float; dropout_key is checked where it is used."""
     p = _static_number(dropout_p, "dropout_p")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if p > 0.0 or dropout_key is not None:
-        raise NotImplementedError(
-            "dropout (dropout_p > 0, dropout_key) is not implemented yet in jax_flash; "
-            "it is planned next to the deterministic backward and segment ids"
-        )
+    if p > MAX_DROPOUT_P:
+        raise ValueError(
+            f"dropout_p must be at most 1 - 2**-17 (the mask is drawn with 16-bit resolution), "
+            f"got {dropout_p}")
+    if p > 0.0 and dropout_key is None:
+        raise ValueError(
+            "dropout_p > 0 needs dropout_key, a JAX PRNG key (e.g. jax.random.key(0)): "
+            "the same key gives the same mask, in the forward and the backward")
+    return p
 
 
 def check_deterministic(deterministic):
@@ -124,6 +132,18 @@ def check_deterministic(deterministic):
 def placeholder_segment_ids(batch, seqlen_q, seqlen_k):
     """What the kernels get when a call has no segment ids (the config says they are off)."""
     return jnp.zeros((batch, seqlen_q), jnp.int32), jnp.zeros((batch, seqlen_k), jnp.int32)
+
+
+def placeholder_seeds(batch, num_heads):
+    """What the kernels get when a call has no dropout (the config says it is off)."""
+    return jnp.zeros((batch, num_heads, 2), jnp.uint32)
+
+
+def placeholder_masks(batch, num_heads, seqlen_q, seqlen_k):
+    """Every mask operand of a call with none on: ALiBi slopes, segment ids, dropout seeds."""
+    return (jnp.zeros((batch, num_heads), jnp.float32),
+            *placeholder_segment_ids(batch, seqlen_q, seqlen_k),
+            placeholder_seeds(batch, num_heads))
 
 
 def check_segment_ids(q_segment_ids, kv_segment_ids, batch, seqlen_q, seqlen_k):

@@ -22,6 +22,11 @@ class KernelConfig:
     has_alibi: bool
     has_segment_ids: bool = False
     deterministic: bool = False
+    # Dropout (jax_flash.dropout): on when has_dropout; the 16-bit draw below which a
+    # probability is kept, and the factor kept probabilities are multiplied by.
+    has_dropout: bool = False
+    dropout_keep_threshold: int = 1 << 16
+    dropout_scale: float = 1.0
 
     def attributes(self) -> dict:
         import numpy as np
@@ -35,4 +40,7 @@ class KernelConfig:
             has_alibi=bool(self.has_alibi),
             has_segment_ids=bool(self.has_segment_ids),
             deterministic=bool(self.deterministic),
+            has_dropout=bool(self.has_dropout),
+            dropout_keep_threshold=np.int64(self.dropout_keep_threshold),
+            dropout_scale=np.float32(self.dropout_scale),
         )

@@ -46,11 +46,13 @@ def _check_platform(dtype):
         )
 
 
-def forward(config: KernelConfig, q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids):
+def forward(config: KernelConfig, q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids,
+            dropout_seeds):
     """out (like q) and lse (batch, num_heads, seqlen_q) float32.
 
     The mask operands are always passed, in full shape: slopes (batch, num_heads) float32,
-    segment ids (batch, seqlen_q) and (batch, seqlen_k) int32; the config says which are on.
+    segment ids (batch, seqlen_q) and (batch, seqlen_k) int32, dropout seeds
+    (batch, num_heads, 2) uint32; the config says which are on.
     """
     _check_platform(q.dtype)
     batch, seqlen_q, num_heads, _ = q.shape
@@ -61,7 +63,8 @@ def forward(config: KernelConfig, q, k, v, alibi_slopes, q_segment_ids, kv_segme
     # Batching is handled a level up (jax_flash._batching) by folding mapped axes into the
     # batch or head axes, so the FFI call itself is never vmapped.
     call = jax.ffi.ffi_call(FORWARD_TARGET, result_shapes, vmap_method="broadcast_all")
-    return call(q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids, **config.attributes())
+    return call(q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids, dropout_seeds,
+                **config.attributes())
 
 
 def _round_up(nbytes, alignment=256):
@@ -77,7 +80,7 @@ def _cuda_backward_workspace_bytes(q):
 
 
 def backward(config: KernelConfig, q, k, v, out, dout, lse, dlse, alibi_slopes, q_segment_ids,
-             kv_segment_ids):
+             kv_segment_ids, dropout_seeds):
     """dq, dk, dv; dk and dv are summed over each group of query heads (GQA)."""
     _check_platform(q.dtype)
     grad_shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
@@ -97,4 +100,5 @@ def backward(config: KernelConfig, q, k, v, out, dout, lse, dlse, alibi_slopes, 
 
     # Only the branch of the platform being compiled for is lowered.
     return jax.lax.platform_dependent(q, k, v, out, dout, lse, dlse, alibi_slopes,
-                                      q_segment_ids, kv_segment_ids, cpu=on_cpu, cuda=on_cuda)
+                                      q_segment_ids, kv_segment_ids, dropout_seeds, cpu=on_cpu,
+                                      cuda=on_cuda)

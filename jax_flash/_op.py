@@ -12,10 +12,13 @@ from jax_flash._config import KernelConfig
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def attention(config: KernelConfig, q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids):
+def attention(config: KernelConfig, q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids,
+              dropout_seeds):
     """Returns (out, lse). alibi_slopes is (batch, num_heads) float32 and gets no gradient;
-    the segment ids are int32 (batch, seqlen_q) and (batch, seqlen_k)."""
-    return _batching.forward_fn(config)(q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids)
+    the segment ids are int32 (batch, seqlen_q) and (batch, seqlen_k); dropout_seeds uint32
+    (batch, num_heads, 2). The backward regenerates the dropout mask from the seeds."""
+    return _batching.forward_fn(config)(q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids,
+                                        dropout_seeds)
 
 
 def _attention_fwd(config, q, k, v, *masks):
@@ -31,8 +34,8 @@ def _attention_bwd(config, residuals, cotangents):
     )
     # ALiBi slopes are constants of the model (as in FlashAttention); the public API applies
     # stop_gradient to them, so this zero is the true derivative of what the user sees.
-    # Segment ids are integers: no cotangent.
-    return dq, dk, dv, jnp.zeros_like(masks[0]), None, None
+    # Segment ids and seeds are integers: no cotangent.
+    return dq, dk, dv, jnp.zeros_like(masks[0]), None, None, None
 
 
 attention.defvjp(_attention_fwd, _attention_bwd)

@@ -80,7 +80,7 @@ def _plan(mesh, q_shape, k_shape, v_shape):
 
 def _shardings(mesh, batch, heads, layouts):
     """NamedShardings for arrays laid out as 'bshd' (q, k, v, out), 'bhs' (lse), 'bh'
-    (slopes) or 'bs' (segment ids)."""
+    (slopes), 'bs' (segment ids) or 'bhr' (dropout seeds; r is never sharded)."""
     entries = {"b": batch, "h": heads}
     return tuple(
         NamedSharding(mesh, PartitionSpec(*(entries.get(axis) for axis in layout)))
@@ -90,8 +90,8 @@ def _shardings(mesh, batch, heads, layouts):
 
 # The array layouts of each call's operands and results (q-like arrays are 'bshd').
 _LAYOUTS = {
-    "forward": (("bshd", "bshd", "bshd", "bh", "bs", "bs"), ("bshd", "bhs")),
-    "backward": (("bshd",) * 5 + ("bhs", "bhs", "bh", "bs", "bs"), ("bshd",) * 3),
+    "forward": (("bshd", "bshd", "bshd", "bh", "bs", "bs", "bhr"), ("bshd", "bhs")),
+    "backward": (("bshd",) * 5 + ("bhs", "bhs", "bh", "bs", "bs", "bhr"), ("bshd",) * 3),
 }
 
 
@@ -99,7 +99,7 @@ def _rule(kind):
     # Query heads (h) and key/value heads (k) are separate factors: tying them as a compound
     # (k g) lets Shardy split a mesh axis into sub-axes that custom_partitioning cannot hand
     # to the partition callback. The callback reconciles the two (see _plan).
-    q, kv, lse, masks = "b s h d", "b t k d", "b h s", "b h, b s, b t"
+    q, kv, lse, masks = "b s h d", "b t k d", "b h s", "b h, b s, b t, b h r"
     if kind == "forward":
         return f"{q}, {kv}, {kv}, {masks} -> {q}, {lse}"
     return f"{q}, {kv}, {kv}, {q}, {q}, {lse}, {lse}, {masks} -> {q}, {kv}, {kv}"

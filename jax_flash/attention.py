@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_flash import _checks
+from jax_flash import _checks, dropout
 from jax_flash._config import KernelConfig
 from jax_flash._op import attention as _op_attention
 
@@ -32,7 +32,13 @@ def flash_attn_func(
       q: (batch, seqlen_q, num_heads, head_dim).
       k, v: (batch, seqlen_k, num_heads_kv, head_dim); num_heads % num_heads_kv == 0
         (grouped-query / multi-query attention when num_heads_kv < num_heads).
-      dropout_p, dropout_key: attention dropout (not implemented yet: must be 0 / None).
+      dropout_p, dropout_key: attention dropout. With dropout_p > 0 each probability is
+        kept with probability 1 - dropout_p (rounded to a multiple of 2**-16) and kept ones
+        are divided by that probability, so the output is unbiased; lse is that of the
+        undropped row. dropout_key (a JAX PRNG key, required then) fixes the mask: the same
+        key gives the same mask on CPU and GPU, and the backward regenerates it rather than
+        storing it. jax_flash.dropout_mask(key, dropout_p, batch, num_heads, seqlen_q,
+        seqlen_k) returns the mask of a call. dropout_p = 0 ignores the key.
       softmax_scale: scale of q·k, default 1 / sqrt(head_dim).
       causal: mask keys after the query, aligned to the bottom-right corner when
         seqlen_q != seqlen_k (query i sees key j iff j <= i + seqlen_k - seqlen_q).
@@ -59,19 +65,19 @@ def flash_attn_func(
     Returns:
       out with the shape and dtype of q, or (out, lse) when return_lse is True.
     """
-    _checks.check_dropout(dropout_p, dropout_key)
     return _attention(
         q, k, v, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
         softcap=softcap, alibi_slopes=alibi_slopes, return_lse=return_lse,
         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        deterministic=deterministic,
+        deterministic=deterministic, dropout_p=dropout_p, dropout_key=dropout_key,
     )
 
 
 def _attention(
     q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
     alibi_slopes=None, return_lse=False, diagonal_offset=None, q_segment_ids=None,
-    kv_segment_ids=None, deterministic=False,
+    kv_segment_ids=None, deterministic=False, dropout_p=0.0, dropout_key=None,
+    dropout_broadcast_batch=False,
 ):
     """flash_attn_func's op with a movable mask diagonal, for the layers built on it.
 
@@ -79,13 +85,18 @@ def _attention(
     j <= i + diagonal_offset, and the window and ALiBi distances count from the same
     diagonal. None is FlashAttention's bottom-right alignment (seqlen_k - seqlen_q); 0 is
     the top-left alignment of jax.nn.dot_product_attention; ring attention passes the
-    distance between two blocks of one sequence.
+    distance between two blocks of one sequence. dropout_broadcast_batch draws one
+    dropout mask for every batch row (Flax's broadcast_dropout).
     """
     batch, seqlen_q, num_heads, head_dim, seqlen_k, _ = _checks.check_qkv(q, k, v)
     window_left, window_right = _checks.check_window(window_size, causal)
     slopes = _checks.check_alibi_slopes(alibi_slopes, batch, num_heads)
     has_segment_ids, q_ids, kv_ids = _checks.check_segment_ids(
         q_segment_ids, kv_segment_ids, batch, seqlen_q, seqlen_k)
+    dropout_p = _checks.check_dropout(dropout_p, dropout_key)
+    has_dropout = dropout_p > 0.0
+    seeds = (dropout.seeds(dropout_key, batch, num_heads, dropout_broadcast_batch) if has_dropout
+             else _checks.placeholder_seeds(batch, num_heads))
     config = KernelConfig(
         softmax_scale=_checks.check_softmax_scale(softmax_scale, head_dim),
         softcap=_checks.check_softcap(softcap),
@@ -95,10 +106,14 @@ def _attention(
         has_alibi=slopes is not None,
         has_segment_ids=has_segment_ids,
         deterministic=_checks.check_deterministic(deterministic),
+        has_dropout=has_dropout,
+        dropout_keep_threshold=dropout.keep_threshold(dropout_p),
+        dropout_scale=dropout.keep_scale(dropout_p),
     )
     if slopes is None:
         slopes = jnp.zeros((batch, num_heads), jnp.float32)
-    out, lse = _op_attention(config, q, k, v, jax.lax.stop_gradient(slopes), q_ids, kv_ids)
+    out, lse = _op_attention(config, q, k, v, jax.lax.stop_gradient(slopes), q_ids, kv_ids,
+                             seeds)
     return (out, lse) if return_lse else out
 
 

@@ -32,12 +32,14 @@ def visible_mask(seqlen_q, seqlen_k, window_left=-1, window_right=-1, diagonal_o
 def reference_attention(
     q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
     alibi_slopes=None, return_lse=False, diagonal_offset=None, q_segment_ids=None,
-    kv_segment_ids=None,
+    kv_segment_ids=None, dropout_mask=None, dropout_scale=1.0,
 ):
     """out (and lse) for q (b, sq, h, d), k/v (b, sk, hk, d); see flash_attn_func.
 
     diagonal_offset moves the masks' (and ALiBi's) diagonal: the key aligned with query 0,
-    seqlen_k - seqlen_q when None. Segment ids (b, sq) and (b, sk) mask pairs whose ids differ."""
+    seqlen_k - seqlen_q when None. Segment ids (b, sq) and (b, sk) mask pairs whose ids differ.
+    dropout_mask (b, h, sq, sk) boolean, e.g. from jax_flash.dropout_mask, zeroes dropped
+    probabilities after lse is taken and multiplies the kept ones by dropout_scale."""
     batch, seqlen_q, num_heads, head_dim = q.shape
     seqlen_k, num_heads_kv = k.shape[1], k.shape[2]
     group = num_heads // num_heads_kv
@@ -63,6 +65,8 @@ def reference_attention(
     weights = jnp.exp(scores - row_max)
     row_sum = jnp.sum(weights, axis=-1, keepdims=True)
     probs = weights / jnp.where(row_sum == 0, 1, row_sum)
+    if dropout_mask is not None:
+        probs = jnp.where(dropout_mask, probs * jnp.asarray(dropout_scale, probs.dtype), 0)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
     if not return_lse:
         return out

@@ -238,7 +238,6 @@ def _join(pieces_list, axis):
 def _ring_forward(ring, q, k, v):
     pieces = ring.pieces
     q_pieces = _split(q, pieces, 1)
-    slopes = jnp.zeros((q.shape[0], q.shape[2]), jnp.float32)
 
     def branch(plan, k, v, *carry, first):
         out_acc, lse_acc = ([None] * pieces, [None] * pieces) if first else map(list, carry)
@@ -246,8 +245,8 @@ def _ring_forward(ring, q, k, v):
         for call in plan:
             q_rows, k_rows = _take(q_pieces, call.q_pieces, 1), _take(k_pieces, call.k_pieces, 1)
             out, lse = _batching.forward_fn(ring.call_config(call))(
-                q_rows, k_rows, _take(v_pieces, call.k_pieces, 1), slopes,
-                *_checks.placeholder_segment_ids(q.shape[0], q_rows.shape[1], k_rows.shape[1]))
+                q_rows, k_rows, _take(v_pieces, call.k_pieces, 1),
+                *_checks.placeholder_masks(q.shape[0], q.shape[2], q_rows.shape[1], k_rows.shape[1]))
             outs = _split(out, len(call.q_pieces), 1)
             lses = _split(lse, len(call.q_pieces), 2)
             for piece, o, l in zip(call.q_pieces, outs, lses):
@@ -269,7 +268,6 @@ def _ring_backward(ring, q, k, v, out, lse, dout, dlse):
     pieces = ring.pieces
     q_pieces, out_pieces, dout_pieces = (_split(x, pieces, 1) for x in (q, out, dout))
     lse_pieces, dlse_pieces = _split(lse, pieces, 2), _split(dlse, pieces, 2)
-    slopes = jnp.zeros((q.shape[0], q.shape[2]), jnp.float32)
 
     def branch(plan, k, v, *carry, first):
         if first:
@@ -283,8 +281,8 @@ def _ring_backward(ring, q, k, v, out, lse, dout, dlse):
             q_rows, k_rows = rows(q_pieces), _take(k_pieces, call.k_pieces, 1)
             dq, dk, dv = _batching.backward_fn(ring.call_config(call))(
                 q_rows, k_rows, _take(v_pieces, call.k_pieces, 1), rows(out_pieces),
-                rows(dout_pieces), rows(lse_pieces, 2), rows(dlse_pieces, 2), slopes,
-                *_checks.placeholder_segment_ids(q.shape[0], q_rows.shape[1], k_rows.shape[1]))
+                rows(dout_pieces), rows(lse_pieces, 2), rows(dlse_pieces, 2),
+                *_checks.placeholder_masks(q.shape[0], q.shape[2], q_rows.shape[1], k_rows.shape[1]))
             for piece, g in zip(call.q_pieces, _split(dq, len(call.q_pieces), 1)):
                 dq_acc[piece] = _accumulate(dq_acc[piece], g)
             for piece, gk, gv in zip(call.k_pieces, _split(dk, len(call.k_pieces), 1),

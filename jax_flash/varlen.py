@@ -102,7 +102,10 @@ def flash_attn_varlen_func(
       max_seqlen_q, max_seqlen_k: static ints, FlashAttention's grid hints; accepted and
         checked for type, not needed here.
       The other arguments are flash_attn_func's, applied within each sequence with
-      bottom-right alignment; alibi_slopes must be (num_heads,).
+      bottom-right alignment; alibi_slopes must be (num_heads,). The dropout mask is drawn
+        over the internal packed layout (one row, or one region per sequence when the q and
+        k offsets differ), so it differs from flash_attn_func's on the same sequences; the
+        same key still gives the same mask.
 
     Returns:
       out (total_q, num_heads, head_dim), or (out, lse) with lse (num_heads, total_q).
@@ -121,7 +124,8 @@ def flash_attn_varlen_func(
             f"{alibi_slopes.shape}")
     kwargs = dict(softmax_scale=softmax_scale, causal=causal, window_size=window_size,
                   softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True,
-                  diagonal_offset=0, deterministic=deterministic)
+                  diagonal_offset=0, deterministic=deterministic, dropout_p=dropout_p,
+                  dropout_key=dropout_key)
 
     if cu_q.shape[0] == 1:
         # No sequences: one empty sequence at the single offset leaves every token outside

@@ -1,7 +1,7 @@
 """Calls only jax_flash's CUDA kernels (forward and backward) on small odd shapes, for
 `compute-sanitizer --tool memcheck`; no reference, so the sanitizer sees our kernels alone.
 Not collected by pytest (no test_ prefix); benchmarks/device_run.sh runs it, one option
-group per process (`masks`, `deterministic`): with every group in one process the
+group per process (`masks`, `deterministic`, `dropout`): with every group in one process the
 sanitizer's front end has segfaulted (2026-11-24), while each group alone ran clean."""
 
 import os
@@ -25,7 +25,13 @@ MASK_OPTIONS = [dict(), dict(causal=True), dict(window_size=(9, 3), softcap=3.0)
 # the deterministic backward's dQ pass
 DETERMINISTIC_OPTIONS = [dict(deterministic=True), dict(causal=True, deterministic=True),
                          dict(window_size=(7, 7), softcap=2.0, segments="random", deterministic=True)]
-GROUPS = {"masks": MASK_OPTIONS, "deterministic": DETERMINISTIC_OPTIONS}
+# dropout's variant (every mask at run time), with the key ranges it widens to whole draw
+# chunks, and its dQ pass
+DROPOUT_OPTIONS = [dict(dropout_p=0.3), dict(causal=True, window_size=(9, -1), dropout_p=0.5),
+                   dict(window_size=(7, 7), segments="random", dropout_p=0.2),
+                   dict(causal=True, segments="sorted", dropout_p=0.2, deterministic=True)]
+GROUPS = {"masks": MASK_OPTIONS, "deterministic": DETERMINISTIC_OPTIONS,
+          "dropout": DROPOUT_OPTIONS}
 OPTIONS = [o for name in (sys.argv[1:] or GROUPS) for o in GROUPS[name]]
 
 
@@ -48,6 +54,8 @@ for shape in SHAPES:
                for s in [(b, sq, h, d), (b, sk, hk, d), (b, sk, hk, d)])
     for options in OPTIONS:
         options = with_segment_ids(options, b, sq, sk, rng)
+        if "dropout_p" in options:
+            options["dropout_key"] = jax.random.key(sum(shape))
         loss = lambda q, k, v: jnp.sum(_attention(q, k, v, **options).astype(jnp.float32))
         grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
         assert all(bool(jnp.all(jnp.isfinite(g.astype(jnp.float32)))) for g in grads), (shape, options)

@@ -81,15 +81,6 @@ def test_traced_scale_is_rejected():
                        q, k, v, jax.ShapeDtypeStruct((), jnp.float32))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(dropout_p=0.1), "dropout"),
-    (dict(dropout_key=jax.random.key(0)), "dropout"),
-])
-def test_later_features_say_so(kwargs, match):
-    with pytest.raises(NotImplementedError, match=match):
-        trace(*arrays(), **kwargs)
-
-
 def test_packed_shape_errors():
     with pytest.raises(ValueError, match=r"qkv must have shape \(batch, seqlen, 3"):
         jax.eval_shape(jf.flash_attn_qkvpacked_func, jax.ShapeDtypeStruct((B, S, 2, H, D), jnp.float32))

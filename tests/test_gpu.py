@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import jax_flash as jf
+from jax_flash import dropout
 from helpers import (alibi_slopes_for, assert_within_twice_plain, flash_offset, random_qkv,
                      reference_offset)
 
@@ -73,13 +74,21 @@ def exact(fn, *args):
         return fn(*args)
 
 
-def check(shape, feature, dtype, gradients, diagonal_offset=None, deterministic=False):
+def check(shape, feature, dtype, gradients, diagonal_offset=None, deterministic=False,
+          dropout_p=0.0):
     q, k, v = random_qkv(sum(shape), *shape, dtype)
     kwargs = kwargs_for(feature, shape)
     ours_fn, reference_fn = (flash_deterministic if deterministic else flash), reference
     if diagonal_offset is not None:  # the private op with a moved mask diagonal
         ours_fn, reference_fn = flash_offset, reference_offset
         kwargs["diagonal_offset"] = diagonal_offset
+    if dropout_p > 0:  # the reference applies the specified mask of the same key
+        key = jax.random.key(sum(shape))
+        ours_fn = functools.partial(jf.flash_attn_func, dropout_p=dropout_p, dropout_key=key,
+                                    deterministic=deterministic)
+        mask = jf.dropout_mask(key, dropout_p, shape[0], shape[3], shape[1], shape[2])
+        reference_fn = functools.partial(jf.reference_attention, dropout_mask=mask,
+                                         dropout_scale=dropout.keep_scale(dropout_p))
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     out, lse = ours_fn(q, k, v, return_lse=True, **kwargs)
     exact_out, exact_lse = exact(lambda *a: reference_fn(*a, return_lse=True, **kwargs), *f32)
@@ -293,3 +302,52 @@ def test_deterministic_backward_is_bitwise_reproducible(deterministic):
     for _ in range(3):
         for a, b in zip(first, grad(q, k, v)):
             np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def applied_dropout_mask(device, key, p, batch, seqlen_q, seqlen_k, num_heads, num_heads_kv,
+                         causal):
+    """The mask a kernel applied on `device`, read back through V = identity (head_dim =
+    seqlen_k): out[b, i, h, j] = P_ij keep_ij scale is nonzero exactly where j is kept."""
+    q, k, _ = random_qkv(5, batch, seqlen_q, seqlen_k, num_heads, num_heads_kv, seqlen_k,
+                         jnp.bfloat16)
+    v = jnp.broadcast_to(jnp.eye(seqlen_k, dtype=jnp.bfloat16)[None, :, None, :],
+                         (batch, seqlen_k, num_heads_kv, seqlen_k))
+    if device.platform == "cpu":
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    q, k, v = jax.device_put((q, k, v), device)
+    with jax.default_device(device):
+        out = jax.jit(functools.partial(jf.flash_attn_func, dropout_p=p, causal=causal))(
+            q, k, v, dropout_key=key)
+    return np.asarray(jnp.moveaxis(out, 2, 1) != 0)
+
+
+# seqlen_k picks the head-dim class (64, 128, 256), and with it the forward's tile shape.
+@pytest.mark.parametrize("shape", [(1, 300, 64, 2, 1), (2, 77, 128, 4, 2), (1, 129, 200, 2, 2)],
+                         ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_mask_is_the_specified_mask_and_the_cpus(shape, causal):
+    key, p = jax.random.key(17), 0.3
+    batch, seqlen_q, seqlen_k, num_heads, _ = shape
+    gpu = applied_dropout_mask(GPU[0], key, p, *shape, causal)
+    cpu = applied_dropout_mask(jax.devices("cpu")[0], key, p, *shape, causal)
+    spec = np.asarray(jf.dropout_mask(key, p, batch, num_heads, seqlen_q, seqlen_k))
+    visible = np.asarray(jf.reference.visible_mask(seqlen_q, seqlen_k, -1, 0 if causal else -1))
+    np.testing.assert_array_equal(gpu, spec & visible)
+    np.testing.assert_array_equal(cpu, gpu)
+
+
+DROPOUT_CASES = [(s, f) for s in SMALL for f in ("none", "causal", "segments_random_softcap_alibi")] + [
+    ((2, 300, 257, 4, 2, d), "window_alibi") for d in (32, 64, 128, 256)] + [
+    ((1, 2048, 2048, 4, 2, 128), "segments_sorted_causal")]
+
+
+@pytest.mark.parametrize("shape,feature", DROPOUT_CASES, ids=str)
+def test_dropout(shape, feature):
+    check(shape, feature, jnp.bfloat16, gradients=True, dropout_p=0.15)
+
+
+@pytest.mark.parametrize("shape,feature", [((2, 300, 257, 4, 2, d), "causal")
+                                           for d in (64, 256)] + [((1, 1000, 377, 4, 2, 96), "none")],
+                         ids=str)
+def test_dropout_deterministic(shape, feature):
+    check(shape, feature, jnp.float16, gradients=True, deterministic=True, dropout_p=0.4)

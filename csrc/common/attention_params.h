@@ -75,9 +75,20 @@ struct AttentionParams {
 
   TensorStrides q_strides, k_strides, v_strides, out_strides;
 
+  // Attention dropout (common/dropout.h; kept after the operands so that adding it left
+  // the other fields' offsets, and the kernels without dropout, unchanged): the Philox key of each (batch, head), uint32
+  // (batch, num_heads, 2); null when off. An element is kept iff its 16-bit draw is below
+  // dropout_keep_threshold (the keep probability times 2^16, set by the caller so that
+  // every implementation draws the same mask), and kept probabilities are multiplied by
+  // dropout_scale (2^16 / threshold: exactly unbiased). lse is that of the undropped row.
+  const uint32_t* dropout_seeds = nullptr;
+  uint32_t dropout_keep_threshold = 0;
+  float dropout_scale = 1.0f;
+
   JAX_FLASH_HOST_DEVICE bool has_window() const { return window_left >= 0 || window_right >= 0; }
   JAX_FLASH_HOST_DEVICE bool has_alibi() const { return alibi_slopes != nullptr; }
   JAX_FLASH_HOST_DEVICE bool has_segment_ids() const { return q_segment_ids != nullptr; }
+  JAX_FLASH_HOST_DEVICE bool has_dropout() const { return dropout_seeds != nullptr; }
   JAX_FLASH_HOST_DEVICE int64_t group_size() const { return num_heads / num_heads_kv; }
 };
 

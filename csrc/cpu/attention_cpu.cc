@@ -5,6 +5,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/dropout.h"
 #include "cpu/tile.h"
 
 namespace jax_flash::cpu {
@@ -62,6 +63,14 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t head, int64_t ro
       row_max[i] = new_max;
       A* acc_row = acc.data() + i * d;
       for (int64_t c = 0; c < d; ++c) acc_row[c] *= rescale;
+      // Dropout zeroes probabilities after the row sum took them: lse stays that of the
+      // whole row, and the kept ones are scaled once, at the end.
+      if (p.has_dropout()) {
+        for (int j = 0; j < n; ++j)
+          if (!dropout_keeps(p, b, head, static_cast<uint32_t>(row0 + i),
+                             static_cast<uint32_t>(col0 + j)))
+            s_row[j] = 0;
+      }
     }
     matmul_accumulate(s.data(), v.data(), m, n, d, acc.data());
   }
@@ -71,7 +80,7 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t head, int64_t ro
     // A row that saw no key gets a zero output and lse = +inf, so that exp(s - lse) = 0
     // in the backward pass and in any lse-based merge.
     const bool empty = row_sum[i] == 0;
-    const A inv_sum = empty ? 0 : 1 / row_sum[i];
+    const A inv_sum = empty ? 0 : A{p.dropout_scale} / row_sum[i];
     for (int64_t c = 0; c < d; ++c) acc[i * d + c] *= inv_sum;
     lse[i] = empty ? kInf : static_cast<float>(row_max[i] + std::log(row_sum[i]));
   }
@@ -87,13 +96,15 @@ struct BackwardTile {
   std::vector<A> s, dp, softcap_grad, kt, vt;
 };
 
-// Given q, dout [m × d] and kt, vt [d × kBlockN], leaves P in tile.s and dS (already
-// multiplied by the softcap derivative and the softmax scale) in tile.dp.
+// Given q, dout [m × d] and kt, vt [d × kBlockN], leaves in tile.s the weights that
+// multiplied V (P, or with dropout P ∘ mask · scale) and in tile.dp dS (already multiplied
+// by the softcap derivative and the softmax scale). With dropout, dP reaches P through the
+// mask: dS = P (dP ∘ mask · scale - delta).
 template <typename A>
-void probabilities_and_score_grads(const AttentionParams& p, float slope, int64_t row0, int m,
-                                   int64_t col0, int n, const SegmentIds& segments, const A* q,
-                                   const A* dout, const float* lse, const A* delta,
-                                   BackwardTile<A>& tile) {
+void probabilities_and_score_grads(const AttentionParams& p, int64_t b, int64_t head, float slope,
+                                   int64_t row0, int m, int64_t col0, int n,
+                                   const SegmentIds& segments, const A* q, const A* dout,
+                                   const float* lse, const A* delta, BackwardTile<A>& tile) {
   const int64_t d = p.head_dim;
   const A scale = p.softmax_scale;
   matmul_abt(q, tile.kt.data(), m, n, d, tile.s.data());
@@ -107,8 +118,14 @@ void probabilities_and_score_grads(const AttentionParams& p, float slope, int64_
     const A row_lse = lse[i];
     for (int j = 0; j < n; ++j) {
       const A prob = std::exp(s_row[j] - row_lse);  // 0 for masked keys and empty rows
-      s_row[j] = prob;
-      dp_row[j] = prob * (dp_row[j] - delta[i]) * g_row[j] * scale;
+      A keep = 1;
+      if (p.has_dropout())
+        keep = dropout_keeps(p, b, head, static_cast<uint32_t>(row0 + i),
+                             static_cast<uint32_t>(col0 + j))
+                   ? A{p.dropout_scale}
+                   : 0;
+      s_row[j] = prob * keep;
+      dp_row[j] = prob * (dp_row[j] * keep - delta[i]) * g_row[j] * scale;
     }
   }
 }
@@ -156,8 +173,8 @@ void backward_key_block(const AttentionParams& p, const A* delta, int64_t b, int
       if (!segments.meet(m, n)) continue;
       load_rows<T>(p.q, p.q_strides, b, head, row0, m, d, q.data());
       load_rows<T>(p.dout, p.out_strides, b, head, row0, m, d, dout.data());
-      probabilities_and_score_grads(p, slope, row0, m, col0, n, segments, q.data(), dout.data(),
-                                    lse + row0, delta_row + row0, tile);
+      probabilities_and_score_grads(p, b, head, slope, row0, m, col0, n, segments, q.data(),
+                                    dout.data(), lse + row0, delta_row + row0, tile);
       matmul_at_accumulate(tile.s.data(), dout.data(), m, n, d, dv.data());
       matmul_at_accumulate(tile.dp.data(), q.data(), m, n, d, dk.data());
     }
@@ -188,8 +205,8 @@ void backward_query_block(const AttentionParams& p, const A* delta, int64_t b, i
     load_rows_transposed<T>(p.k, p.k_strides, b, head_kv, col0, n, d, kBlockN, tile.kt.data());
     load_rows_transposed<T>(p.v, p.v_strides, b, head_kv, col0, n, d, kBlockN, tile.vt.data());
     load_rows<T>(p.k, p.k_strides, b, head_kv, col0, n, d, k.data());
-    probabilities_and_score_grads(p, slope, row0, m, col0, n, segments, q.data(), dout.data(),
-                                  lse, delta_row, tile);
+    probabilities_and_score_grads(p, b, head, slope, row0, m, col0, n, segments, q.data(),
+                                  dout.data(), lse, delta_row, tile);
     matmul_accumulate(tile.dp.data(), k.data(), m, n, d, dq.data());
   }
   store_rows<T>(dq.data(), m, d, p.dq, p.q_strides, b, head, row0);

@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "common/attention_params.h"
+#include "cuda/dropout.cuh"
 #include "cuda/element.cuh"
 #include "cuda/fragments.cuh"
 #include "cuda/flash_api.h"
@@ -49,7 +50,8 @@ struct DqTiles {
 template <int kHeadDimClass> struct DqConfig : DqTiles<kHeadDimClass, 64> {};
 template <> struct DqConfig<256> : DqTiles<256, 32> {};
 
-template <class Config, typename Element, bool kHasWindow, bool kHasSegments>
+// Variants as in the forward kernel (kDropout also takes every mask).
+template <class Config, typename Element, bool kHasWindow, bool kHasSegments, bool kDropout>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     backward_dq_kernel_sm80(const __grid_constant__ AttentionParams p,
                             const __grid_constant__ BackwardWorkspace workspace,
@@ -81,8 +83,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   Element* dq = static_cast<Element*>(p.dq) + batch * p.q_strides.batch +
                 row0 * p.q_strides.row + head * p.q_strides.head;
 
-  const IndexRange keys =
-      keys_of_query_block<Config::kThreads, kHasSegments>(p, batch, row0, valid_rows);
+  const bool has_segments = kHasSegments && (!kDropout || p.has_segment_ids());
+  IndexRange keys =
+      has_segments ? keys_of_query_block<Config::kThreads, kHasSegments>(p, batch, row0, valid_rows)
+                   : keys_of_query_block<Config::kThreads, false>(p, batch, row0, valid_rows);
+  if (kDropout && !keys.empty()) keys.begin &= ~int64_t{31};  // whole 32-key draw chunks
   auto q_ids = [&] { return p.q_segment_ids + batch * p.seqlen_q + row0; };
   auto kv_ids = [&] { return p.kv_segment_ids + batch * p.seqlen_k; };
   if (keys.empty()) {  // no row of this block sees a key: dQ = 0
@@ -103,7 +108,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
                                         p.k_strides.row, rows, head_dim, vectorized, thread);
     load_tile<KVTile, Config::kThreads>(v_smem(stage), v + key0 * p.v_strides.row,
                                         p.v_strides.row, rows, head_dim, vectorized, thread);
-    if constexpr (kHasSegments)
+    if (has_segments)
       load_row_vector<kBlockN, Config::kThreads>(kv_ids_smem + stage * kBlockN, kv_ids() + key0,
                                                  rows, thread);
   };
@@ -132,8 +137,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     delta[h] = row < valid_rows ? workspace.delta[stats_row + g + 8 * h] : 0.0f;
   }
   IdRange warp_row_ids{0, 0};
-  if constexpr (kHasSegments)
+  if (has_segments)
     warp_row_ids = warp_ids_range<16>(q_ids() + warp_row0, valid_rows - warp_row0, lane);
+  DropoutDraws draws{};
+  if constexpr (kDropout) draws = DropoutDraws::make(p, batch, head);
 
   float acc_dq[1][kDTiles][4];
   zero(acc_dq);
@@ -160,9 +167,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         window.tile_needs_mask<kHasWindow>(row0, row0 + valid_rows, key0, key0 + kBlockN);
     bool segment_masked = false;
     const int32_t* block_ids = kv_ids_smem + stage * kBlockN;
-    if constexpr (kHasSegments)
+    if (has_segments)
       segment_masked =
           !warp_row_ids.single_id_with(warp_ids_range<kBlockN>(block_ids, kBlockN, lane));
+    KeepMask<1, kNTiles> keep;
+    if constexpr (kDropout)
+      keep = keep_mask_queries_by_keys<1, kNTiles>(draws, row0 + warp_row0, key0, lane);
     // Tiles that need neither the transform nor a mask take the short path (a uniform
     // branch per warp), as in the key-block kernel.
     auto score_grads = [&](auto general_tag) {
@@ -174,9 +184,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
           const int h = c >> 1, row = warp_row0 + g + 8 * h, col = 8 * j + 2 * t + (c & 1);
           const bool hidden = kGeneral && kHasSegments && segment_masked && row < valid_rows &&
                               q_ids()[row] != block_ids[col];
-          acc_s[0][j][c] = probability_and_grad<kGeneral, kHasWindow>(  // dS
+          const float keep_factor = keep.keeps(0, j, c) ? p.dropout_scale : 0.0f;
+          acc_s[0][j][c] = probability_and_grad<kGeneral, kHasWindow, kDropout>(  // dS
               acc_s[0][j][c], acc_dp[0][j][c], lse_log2[h], delta[h], transform, window, masked,
-              hidden, row0 + row, key0 + col).y;
+              hidden, row0 + row, key0 + col, keep_factor).y;
         }
     };
     if (transform.plain && !masked && !segment_masked) {

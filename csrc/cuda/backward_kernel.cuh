@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "common/attention_params.h"
+#include "cuda/dropout.cuh"
 #include "cuda/element.cuh"
 #include "cuda/fragments.cuh"
 #include "cuda/flash_api.h"
@@ -95,7 +96,8 @@ template <int kHeadDimClass> struct BackwardSmallSmem { using Config = BackwardC
 template <> struct BackwardSmallSmem<64> { using Config = BackwardTiles<64, 128, 64, 8, 4, 4, 4, 2>; };
 template <> struct BackwardSmallSmem<256> { using Config = BackwardTiles<256, 64, 64, 8, 4, 2, 2, 1>; };
 
-template <class Config, typename Element, bool kHasWindow, bool kHasSegments>
+// Variants as in the forward kernel (kDropout also takes every mask).
+template <class Config, typename Element, bool kHasWindow, bool kHasSegments, bool kDropout>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     backward_kernel_sm80(const __grid_constant__ AttentionParams p,
                          const __grid_constant__ BackwardWorkspace workspace,
@@ -128,8 +130,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int key0 = key_block * kBlockN;
   const int valid_keys = min(kBlockN, seqlen_k - key0);
 
-  const IndexRange queries =
-      queries_of_key_block<Config::kThreads, kHasSegments>(p, batch, key0, valid_keys);
+  const bool has_segments = kHasSegments && (!kDropout || p.has_segment_ids());
+  IndexRange queries =
+      has_segments ? queries_of_key_block<Config::kThreads, kHasSegments>(p, batch, key0, valid_keys)
+                   : queries_of_key_block<Config::kThreads, false>(p, batch, key0, valid_keys);
+  // Dropout draws come in 16-query chunks: start at one (the masks hide the extra rows).
+  if (kDropout && !queries.empty()) queries.begin &= ~int64_t{15};
   auto q_ids = [&] { return p.q_segment_ids + batch * p.seqlen_q; };
   auto kv_ids = [&] { return p.kv_segment_ids + batch * p.seqlen_k + key0; };
   const int query_begin = static_cast<int>(queries.begin);
@@ -158,7 +164,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     load_row_vector<kBlockM, Config::kThreads>(lse_smem(s), p.lse + row_offset, rows, thread);
     load_row_vector<kBlockM, Config::kThreads>(delta_smem(s), workspace.delta + row_offset, rows,
                                                thread);
-    if constexpr (kHasSegments)
+    if (has_segments)
       load_row_vector<kBlockM, Config::kThreads>(q_ids_smem(s), q_ids() + query0, rows, thread);
   };
 
@@ -193,7 +199,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int g = lane >> 2, t = lane & 3;
   // The id range of the keys of this warp's phase-A rows (segment variant only).
   IdRange warp_key_ids{0, 0};
-  if constexpr (kHasSegments)
+  if (has_segments)
     warp_key_ids = warp_ids_range<Config::kKeysA>(kv_ids() + key0_a, valid_keys - key0_a, lane);
 
   float acc_dkv[Config::kMTilesB][Config::kNTilesB][4];  // dK or dV, see dk_warp
@@ -236,9 +242,13 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         query0, min(query0 + kBlockM, seqlen_q), key0, key0 + kBlockN);
     // Ids differ somewhere between the warp's keys and queries: compare each element.
     bool segment_masked = false;
-    if constexpr (kHasSegments)
+    if (has_segments)
       segment_masked = !warp_key_ids.single_id_with(warp_ids_range<Config::kQueriesA>(
           q_ids_smem(s) + query0_a, Config::kQueriesA, lane));
+    KeepMask<Config::kMTilesA, Config::kNTilesA> keep;
+    if constexpr (kDropout)
+      keep = keep_mask_keys_by_queries<Config::kMTilesA, Config::kNTilesA>(
+          DropoutDraws::make(p, batch, head), key0 + key0_a, query0 + query0_a, lane);
     // Most tiles need neither the score transform nor the mask: they take a short path
     // with no per-element index arithmetic or selects (a uniform branch per tile).
     auto probabilities_and_grads = [&](auto general_tag) {
@@ -258,9 +268,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
               const bool hidden = kGeneral && kHasSegments && segment_masked &&
                                   key - key0 < valid_keys &&
                                   kv_ids()[key - key0] != q_ids_smem(s)[query - query0];
-              const float2 pg = probability_and_grad<kGeneral, kHasWindow>(
+              const float keep_factor = keep.keeps(i, j, 2 * h + e) ? p.dropout_scale : 0.0f;
+              const float2 pg = probability_and_grad<kGeneral, kHasWindow, kDropout>(
                   acc_s[i][j][2 * h + e], acc_dp[i][j][2 * h + e], lse_log2[j][e], delta[j][e],
-                  transform, window, masked, hidden, query, key);
+                  transform, window, masked, hidden, query, key, keep_factor);
               prob[e] = pg.x;
               grad[e] = pg.y;
             }

@@ -18,10 +18,11 @@ template <class Config, typename Element>
 Status launch_backward_config(const AttentionParams& p, const BackwardWorkspace& workspace,
                               const LaunchOptions& options, cudaStream_t stream) {
   constexpr int kSmem = Config::kSmemBytes;
-  // Masking variants: none, window (causal or sliding), window and segment ids.
-  auto kernel = p.has_segment_ids() ? backward_kernel_sm80<Config, Element, true, true>
-                : p.has_window()    ? backward_kernel_sm80<Config, Element, true, false>
-                                    : backward_kernel_sm80<Config, Element, false, false>;
+  // Masking variants as in the forward launch.
+  auto kernel = p.has_dropout()       ? backward_kernel_sm80<Config, Element, true, true, true>
+                : p.has_segment_ids() ? backward_kernel_sm80<Config, Element, true, true, false>
+                : p.has_window()      ? backward_kernel_sm80<Config, Element, true, false, false>
+                                      : backward_kernel_sm80<Config, Element, false, false, false>;
   if (Status s = allow_shared_memory(kernel, kSmem, options,
                                      "head_dim " + std::to_string(Config::kHeadDim) + " backward");
       !s.ok())
@@ -49,10 +50,11 @@ Status launch_backward_dq_sm80(const AttentionParams& p, const BackwardWorkspace
                                const LaunchOptions& options, cudaStream_t stream) {
   using Config = DqConfig<kHeadDimClass>;
   constexpr int kSmem = Config::kSmemBytes;
-  // Masking variants: none, window (causal or sliding), window and segment ids.
-  auto kernel = p.has_segment_ids() ? backward_dq_kernel_sm80<Config, Element, true, true>
-                : p.has_window()    ? backward_dq_kernel_sm80<Config, Element, true, false>
-                                    : backward_dq_kernel_sm80<Config, Element, false, false>;
+  // Masking variants as in the forward launch.
+  auto kernel = p.has_dropout()       ? backward_dq_kernel_sm80<Config, Element, true, true, true>
+                : p.has_segment_ids() ? backward_dq_kernel_sm80<Config, Element, true, true, false>
+                : p.has_window()      ? backward_dq_kernel_sm80<Config, Element, true, false, false>
+                                      : backward_dq_kernel_sm80<Config, Element, false, false, false>;
   if (Status s = allow_shared_memory(
           kernel, kSmem, options, "head_dim " + std::to_string(kHeadDimClass) + " deterministic dQ");
       !s.ok())

@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "common/attention_params.h"
+#include "cuda/dropout.cuh"
 #include "cuda/element.cuh"
 #include "cuda/fragments.cuh"
 #include "cuda/flash_api.h"
@@ -64,7 +65,10 @@ template <> struct ForwardConfig<64> : ForwardTiles<64, 128, 128, 4, 2> {};
 template <> struct ForwardConfig<128> : ForwardTiles<128, 128, 64, 4, 2> {};
 template <> struct ForwardConfig<256> : ForwardTiles<256, 64, 64, 4, 1> {};
 
-template <class Config, typename Element, bool kHasWindow, bool kHasSegments>
+// kDropout: the variant for calls with dropout, which also takes every mask (window and,
+// if the call has them, segment ids: a runtime switch here, so that dropout adds one
+// variant rather than one per mask combination).
+template <class Config, typename Element, bool kHasWindow, bool kHasSegments, bool kDropout>
 __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
     forward_kernel_sm80(const __grid_constant__ AttentionParams p, const bool vectorized) {
   using QTile = typename Config::QTile;
@@ -93,8 +97,12 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
                  row0 * p.out_strides.row + head * p.out_strides.head;
   float* lse = p.lse + (batch * p.num_heads + head) * p.seqlen_q + row0;
 
-  const IndexRange keys =
-      keys_of_query_block<Config::kThreads, kHasSegments>(p, batch, row0, valid_rows);
+  const bool has_segments = kHasSegments && (!kDropout || p.has_segment_ids());
+  IndexRange keys =
+      has_segments ? keys_of_query_block<Config::kThreads, kHasSegments>(p, batch, row0, valid_rows)
+                   : keys_of_query_block<Config::kThreads, false>(p, batch, row0, valid_rows);
+  // Dropout draws come in 32-key chunks: start at one (the masks hide the extra keys).
+  if (kDropout && !keys.empty()) keys.begin &= ~int64_t{31};
   auto q_ids = [&] { return p.q_segment_ids + batch * p.seqlen_q + row0; };
   auto kv_ids = [&] { return p.kv_segment_ids + batch * p.seqlen_k; };
   if (keys.empty()) {  // every row of this block is fully masked: out = 0, lse = +inf
@@ -126,7 +134,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
   // The key block's ids travel with K (stage `stage` of the id buffer).
   auto load_k_and_ids = [&](int block, int stage) {
     load_k(block, stage);
-    if constexpr (kHasSegments) {
+    if (has_segments) {
       const int key0 = key_begin + block * kBlockN;
       load_row_vector<kBlockN, Config::kThreads>(kv_ids_smem + stage * kBlockN, kv_ids() + key0,
                                                  min(kBlockN, seqlen_k - key0), thread);
@@ -153,9 +161,10 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
   const int g = lane >> 2, t = lane & 3;
   // The id range of the warp's rows (segment variant only).
   IdRange warp_row_ids{0, 0};
-  if constexpr (kHasSegments)
+  if (has_segments)
     warp_row_ids = warp_ids_range<16 * kMTiles>(q_ids() + warp_row0, valid_rows - warp_row0, lane);
-
+  DropoutDraws draws{};
+  if constexpr (kDropout) draws = DropoutDraws::make(p, batch, head);
 
   float acc_o[kMTiles][kDTiles][4];
   zero(acc_o);
@@ -200,7 +209,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
       });
     }
     // After the transform, which would turn -inf into a finite score.
-    if constexpr (kHasSegments) {
+    if (has_segments) {
       // Ids differ somewhere between the warp's rows and the block's keys: compare each.
       const int32_t* block_ids = kv_ids_smem + stage * kBlockN;
       if (!warp_row_ids.single_id_with(warp_ids_range<kBlockN>(block_ids, kBlockN, lane))) {
@@ -252,6 +261,19 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
         }
       }
 
+    // Dropout zeroes probabilities after the row sum took them (lse is the undropped
+    // row's); the kept ones are scaled once, at the end.
+    if constexpr (kDropout) {
+      const auto keep = keep_mask_queries_by_keys<kMTiles, kNTiles>(draws, query0, key0, lane);
+#pragma unroll
+      for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c)
+            if (!keep.keeps(i, j, c)) acc_s[i][j][c] = 0.0f;
+    }
+
     if constexpr (Config::kStages == 1) {
       // V of this block has landed and every warp is done reading K: fetch the next K
       // while P V runs.
@@ -276,7 +298,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       const bool empty = !(sum > 0.0f);
-      const float inv_sum = empty ? 0.0f : 1.0f / sum;
+      const float inv_sum = empty ? 0.0f : (kDropout ? p.dropout_scale : 1.0f) / sum;
 #pragma unroll
       for (int j = 0; j < kDTiles; ++j) {
         acc_o[i][j][2 * h] *= inv_sum;

@@ -17,10 +17,12 @@ Status launch_forward_sm80(const AttentionParams& p, const LaunchOptions& option
                            cudaStream_t stream) {
   using Config = ForwardConfig<kHeadDimClass>;
   constexpr int kSmem = Config::kSmemBytes;
-  // Masking variants: none, window (causal or sliding), window and segment ids.
-  auto kernel = p.has_segment_ids() ? forward_kernel_sm80<Config, Element, true, true>
-                : p.has_window()    ? forward_kernel_sm80<Config, Element, true, false>
-                                    : forward_kernel_sm80<Config, Element, false, false>;
+  // Masking variants: none, window (causal or sliding), window and segment ids, and
+  // dropout with any masks.
+  auto kernel = p.has_dropout()       ? forward_kernel_sm80<Config, Element, true, true, true>
+                : p.has_segment_ids() ? forward_kernel_sm80<Config, Element, true, true, false>
+                : p.has_window()      ? forward_kernel_sm80<Config, Element, true, false, false>
+                                      : forward_kernel_sm80<Config, Element, false, false, false>;
   if (Status s = allow_shared_memory(kernel, kSmem, options,
                                      "head_dim " + std::to_string(kHeadDimClass) + " forward");
       !s.ok())

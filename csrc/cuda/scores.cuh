@@ -98,12 +98,15 @@ struct KeyWindow {
 // dQ pass: the score (transformed and masked in the general path only), P = exp(score - lse)
 // recomputed from the forward's lse (log2 units), and dS = P (dP - delta) (softcap') scale.
 // Returns {P, dS}. lse = +inf (a query that saw no key) gives exactly 0 for both.
-template <bool kGeneral, bool kHasWindow>
+// With dropout, `keep` is the element's factor (dropout_scale if kept, else 0): V was
+// weighted by Z = P keep, so the first result is Z and dS = P (dP keep - delta) ...
+template <bool kGeneral, bool kHasWindow, bool kDropout = false>
 __device__ __forceinline__ float2 probability_and_grad(float dot, float dp, float lse_log2,
                                                        float delta,
                                                        const ScoreTransform& transform,
                                                        const KeyWindow& window, bool window_masked,
-                                                       bool hidden_by_segment, int query, int key) {
+                                                       bool hidden_by_segment, int query, int key,
+                                                       float keep = 1.0f) {
   float score = dot, ds_scale = transform.scale;
   if constexpr (kGeneral) {
     if (!transform.plain) {
@@ -115,6 +118,7 @@ __device__ __forceinline__ float2 probability_and_grad(float dot, float dp, floa
     if (hidden_by_segment) score = -INFINITY;
   }
   const float prob = fast_exp2(fmaf(score, transform.exp_scale, -lse_log2));
+  if constexpr (kDropout) return make_float2(prob * keep, prob * fmaf(dp, keep, -delta) * ds_scale);
   return make_float2(prob, prob * (dp - delta) * ds_scale);
 }
 

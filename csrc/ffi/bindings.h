@@ -13,7 +13,7 @@ namespace jax_flash::ffi_glue {
 
 namespace ffi = xla::ffi;
 
-// q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids -> out, lse.
+// q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids, dropout_seeds -> out, lse.
 template <typename Binding>
 auto bind_forward_operands(Binding binding) {
   return std::move(binding).template Arg<ffi::AnyBuffer>()         // q
@@ -22,11 +22,13 @@ auto bind_forward_operands(Binding binding) {
       .template Arg<ffi::Buffer<ffi::F32>>()            // alibi_slopes
       .template Arg<ffi::Buffer<ffi::S32>>()            // q_segment_ids
       .template Arg<ffi::Buffer<ffi::S32>>()            // kv_segment_ids
+      .template Arg<ffi::Buffer<ffi::U32>>()            // dropout_seeds
       .template Ret<ffi::AnyBuffer>()                   // out
       .template Ret<ffi::Buffer<ffi::F32>>();           // lse
 }
 
-// q, k, v, out, dout, lse, dlse, alibi_slopes, q_segment_ids, kv_segment_ids -> dq, dk, dv.
+// q, k, v, out, dout, lse, dlse, alibi_slopes, q_segment_ids, kv_segment_ids, dropout_seeds
+// -> dq, dk, dv.
 template <typename Binding>
 auto bind_backward_operands(Binding binding) {
   return std::move(binding).template Arg<ffi::AnyBuffer>()         // q
@@ -39,6 +41,7 @@ auto bind_backward_operands(Binding binding) {
       .template Arg<ffi::Buffer<ffi::F32>>()            // alibi_slopes
       .template Arg<ffi::Buffer<ffi::S32>>()            // q_segment_ids
       .template Arg<ffi::Buffer<ffi::S32>>()            // kv_segment_ids
+      .template Arg<ffi::Buffer<ffi::U32>>()            // dropout_seeds
       .template Ret<ffi::AnyBuffer>()                   // dq
       .template Ret<ffi::AnyBuffer>()                   // dk
       .template Ret<ffi::AnyBuffer>();                  // dv

@@ -57,12 +57,12 @@ cpu::ParallelFor make_parallel_for(ffi::ThreadPool& pool) {
 
 ffi::Error forward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                        ffi::Buffer<ffi::F32> alibi_slopes, ffi::Buffer<ffi::S32> q_segment_ids,
-                       ffi::Buffer<ffi::S32> kv_segment_ids, ffi::Result<ffi::AnyBuffer> out,
+                       ffi::Buffer<ffi::S32> kv_segment_ids,
+                       ffi::Buffer<ffi::U32> dropout_seeds, ffi::Result<ffi::AnyBuffer> out,
                        ffi::Result<ffi::Buffer<ffi::F32>> lse, const ScalarAttributes& attrs) {
   AttentionParams p;
-  if (auto e = decode_forward(q, k, v, {alibi_slopes, q_segment_ids, kv_segment_ids}, attrs,
-                              *out, *lse, &p);
-      e.failure())
+  const MaskOperands masks{alibi_slopes, q_segment_ids, kv_segment_ids, dropout_seeds};
+  if (auto e = decode_forward(q, k, v, masks, attrs, *out, *lse, &p); e.failure())
     return e;
   poison_if_requested(*out, *lse);
   cpu::attention_forward(p, make_parallel_for(pool));
@@ -73,12 +73,12 @@ ffi::Error backward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k
                         ffi::AnyBuffer out, ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
                         ffi::Buffer<ffi::F32> dlse, ffi::Buffer<ffi::F32> alibi_slopes,
                         ffi::Buffer<ffi::S32> q_segment_ids, ffi::Buffer<ffi::S32> kv_segment_ids,
+                        ffi::Buffer<ffi::U32> dropout_seeds,
                         ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                         ffi::Result<ffi::AnyBuffer> dv, const ScalarAttributes& attrs) {
   AttentionParams p;
-  if (auto e = decode_backward(q, k, v, out, dout, lse, dlse,
-                               {alibi_slopes, q_segment_ids, kv_segment_ids}, attrs, *dq, *dk,
-                               *dv, &p);
+  const MaskOperands masks{alibi_slopes, q_segment_ids, kv_segment_ids, dropout_seeds};
+  if (auto e = decode_backward(q, k, v, out, dout, lse, dlse, masks, attrs, *dq, *dk, *dv, &p);
       e.failure())
     return e;
   poison_if_requested(*dq, *dk, *dv);

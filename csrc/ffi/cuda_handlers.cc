@@ -40,12 +40,12 @@ ffi::Error poison_if_requested(cudaStream_t stream, const Buffers&... buffers) {
 
 ffi::Error forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                         ffi::Buffer<ffi::F32> alibi_slopes, ffi::Buffer<ffi::S32> q_segment_ids,
-                        ffi::Buffer<ffi::S32> kv_segment_ids, ffi::Result<ffi::AnyBuffer> out,
+                        ffi::Buffer<ffi::S32> kv_segment_ids,
+                        ffi::Buffer<ffi::U32> dropout_seeds, ffi::Result<ffi::AnyBuffer> out,
                         ffi::Result<ffi::Buffer<ffi::F32>> lse, const ScalarAttributes& attrs) {
   AttentionParams p;
-  if (auto e = decode_forward(q, k, v, {alibi_slopes, q_segment_ids, kv_segment_ids}, attrs,
-                              *out, *lse, &p);
-      e.failure())
+  const MaskOperands masks{alibi_slopes, q_segment_ids, kv_segment_ids, dropout_seeds};
+  if (auto e = decode_forward(q, k, v, masks, attrs, *out, *lse, &p); e.failure())
     return e;
   if (auto e = poison_if_requested(stream, *out, *lse); e.failure()) return e;
   return to_ffi_error(cuda::flash_forward(p, stream));
@@ -56,13 +56,13 @@ ffi::Error backward_cuda(cudaStream_t stream, ffi::AnyBuffer q,
                          ffi::AnyBuffer dout, ffi::Buffer<ffi::F32> lse,
                          ffi::Buffer<ffi::F32> dlse, ffi::Buffer<ffi::F32> alibi_slopes,
                          ffi::Buffer<ffi::S32> q_segment_ids, ffi::Buffer<ffi::S32> kv_segment_ids,
+                         ffi::Buffer<ffi::U32> dropout_seeds,
                          ffi::Result<ffi::AnyBuffer> dq, ffi::Result<ffi::AnyBuffer> dk,
                          ffi::Result<ffi::AnyBuffer> dv,
                          ffi::Result<ffi::Buffer<ffi::U8>> workspace_buffer, const ScalarAttributes& attrs) {
   AttentionParams p;
-  if (auto e = decode_backward(q, k, v, out, dout, lse, dlse,
-                               {alibi_slopes, q_segment_ids, kv_segment_ids}, attrs, *dq, *dk,
-                               *dv, &p);
+  const MaskOperands masks{alibi_slopes, q_segment_ids, kv_segment_ids, dropout_seeds};
+  if (auto e = decode_backward(q, k, v, out, dout, lse, dlse, masks, attrs, *dq, *dk, *dv, &p);
       e.failure())
     return e;
   if (auto e = poison_if_requested(stream, *dq, *dk, *dv); e.failure()) return e;

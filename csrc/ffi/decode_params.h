@@ -26,6 +26,9 @@ struct ScalarAttributes {
   bool has_alibi;
   bool has_segment_ids;
   bool deterministic;
+  bool has_dropout;
+  int64_t dropout_keep_threshold;
+  float dropout_scale;
 };
 
 inline ffi::Error invalid(const std::string& what) {
@@ -53,12 +56,13 @@ inline bool same_dims(const ffi::AnyBuffer& a, const ffi::AnyBuffer& b) {
   return true;
 }
 
-// The mask operands of every call: ALiBi slopes and segment ids (placeholders of the
-// right shape when the attributes say they are off).
+// The mask operands of every call: ALiBi slopes, segment ids and dropout seeds
+// (placeholders of the right shape when the attributes say they are off).
 struct MaskOperands {
   const ffi::Buffer<ffi::F32>& alibi_slopes;
   const ffi::Buffer<ffi::S32>& q_segment_ids;
   const ffi::Buffer<ffi::S32>& kv_segment_ids;
+  const ffi::Buffer<ffi::U32>& dropout_seeds;
 };
 
 inline bool has_dims(const ffi::Buffer<ffi::S32>& buffer, int64_t rows, int64_t cols) {
@@ -96,6 +100,13 @@ inline ffi::Error decode_forward_inputs(const ffi::AnyBuffer& q, const ffi::AnyB
   if (!has_dims(masks.q_segment_ids, p->batch, p->seqlen_q) ||
       !has_dims(masks.kv_segment_ids, p->batch, p->seqlen_k))
     return invalid("segment id buffers must be (batch, seqlen_q) and (batch, seqlen_k) int32");
+  auto seed_dims = masks.dropout_seeds.dimensions();
+  if (seed_dims.size() != 3 || seed_dims[0] != p->batch || seed_dims[1] != p->num_heads ||
+      seed_dims[2] != 2)
+    return invalid("dropout seed buffer must be (batch, num_heads, 2) uint32");
+  if (attrs.has_dropout && (attrs.dropout_keep_threshold < 0 ||
+                            attrs.dropout_keep_threshold > 65536 || !(attrs.dropout_scale > 0.0f)))
+    return invalid("dropout keep threshold must be in [0, 65536] and its scale > 0");
 
   p->softmax_scale = attrs.softmax_scale;
   p->softcap = attrs.softcap;
@@ -106,6 +117,9 @@ inline ffi::Error decode_forward_inputs(const ffi::AnyBuffer& q, const ffi::AnyB
   p->q_segment_ids = attrs.has_segment_ids ? masks.q_segment_ids.typed_data() : nullptr;
   p->kv_segment_ids = attrs.has_segment_ids ? masks.kv_segment_ids.typed_data() : nullptr;
   p->deterministic = attrs.deterministic;
+  p->dropout_seeds = attrs.has_dropout ? masks.dropout_seeds.typed_data() : nullptr;
+  p->dropout_keep_threshold = static_cast<uint32_t>(attrs.dropout_keep_threshold);
+  p->dropout_scale = attrs.has_dropout ? attrs.dropout_scale : 1.0f;
   p->q = q.untyped_data();
   p->k = k.untyped_data();
   p->v = v.untyped_data();
@@ -194,4 +208,7 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(jax_flash::ffi_glue::ScalarAttributes,
                                       xla::ffi::StructMember<int64_t>("diagonal_offset"),
                                       xla::ffi::StructMember<bool>("has_alibi"),
                                       xla::ffi::StructMember<bool>("has_segment_ids"),
-                                      xla::ffi::StructMember<bool>("deterministic"));
+                                      xla::ffi::StructMember<bool>("deterministic"),
+                                      xla::ffi::StructMember<bool>("has_dropout"),
+                                      xla::ffi::StructMember<int64_t>("dropout_keep_threshold"),
+                                      xla::ffi::StructMember<float>("dropout_scale"));
