@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_flash import _checks, _ffi
+from jax_flash import dropout as _dropout
 from jax_flash.attention import _attention as _kernel_attention
 
 
@@ -152,14 +154,15 @@ def _empty_query_rows(seqlen_q, seqlen_k, window_left):
     return rows - window_left > seqlen_k - 1
 
 
-def _kernel_path(query, key, value, scale_value, is_causal, window, softcap):
+def _kernel_path(query, key, value, scale_value, is_causal, window, softcap, dropout):
     """4-D inputs, top-left aligned masks, XLA's value for rows that see no key."""
     seqlen_q, num_heads = query.shape[1], query.shape[2]
     seqlen_k, num_heads_kv = key.shape[1], key.shape[2]
     left, right = (-1, -1) if window is None else window
     out = _kernel_attention(
         query, key, value, softmax_scale=scale_value, causal=bool(is_causal),
-        window_size=(left, right), softcap=softcap, diagonal_offset=0,
+        window_size=(left, right), softcap=softcap, diagonal_offset=0, dropout_p=dropout.rate,
+        dropout_key=dropout.key, dropout_broadcast_batch=dropout.broadcast_batch,
     )
     empty = _empty_query_rows(seqlen_q, seqlen_k, left)
     if empty.any():
@@ -172,10 +175,11 @@ def _kernel_path(query, key, value, scale_value, is_causal, window, softcap):
     return out
 
 
-def _plain_softcapped_attention(query, key, value, bias, mask, scale, is_causal,
-                                query_seq_lengths, key_value_seq_lengths, window, softcap):
-    """jax.nn.dot_product_attention's XLA computation with a softcap on the scaled scores;
-    the fallback for the layers' softcap, which jax.nn.dot_product_attention lacks."""
+def _plain_attention(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
+                     key_value_seq_lengths, window, softcap, dropout):
+    """jax.nn.dot_product_attention's XLA computation plus a softcap on the scaled scores
+    and attention dropout (the kernels' mask, materialized); the fallback for the layers'
+    softcap and dropout, which jax.nn.dot_product_attention lacks."""
     batch, seqlen_q, num_heads, head_dim = query.shape
     seqlen_k, num_heads_kv = key.shape[1], key.shape[2]
     group = num_heads // num_heads_kv
@@ -185,7 +189,8 @@ def _plain_softcapped_attention(query, key, value, bias, mask, scale, is_causal,
     logits = jnp.einsum("btnh,bsnh->bnts", query, key,
                         preferred_element_type=jnp.promote_types(query.dtype, jnp.float32))
     logits = logits * jnp.asarray(scale, logits.dtype)
-    logits = softcap * jnp.tanh(logits / softcap)
+    if softcap > 0:
+        logits = softcap * jnp.tanh(logits / softcap)
     if bias is not None:
         logits = logits + bias
     visible = jnp.ones((1, 1, seqlen_q, seqlen_k), bool)
@@ -203,7 +208,12 @@ def _plain_softcapped_attention(query, key, value, bias, mask, scale, is_causal,
         visible &= query_index[None, None] < query_seq_lengths[:, None, None, None]
     large_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
     logits = jnp.where(visible, logits, jnp.asarray(large_negative, logits.dtype))
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(value.dtype)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    if dropout.rate > 0:
+        keep = _dropout.dropout_mask(dropout.key, dropout.rate, batch, num_heads, seqlen_q,
+                                     seqlen_k, dropout.broadcast_batch)
+        probs = jnp.where(keep, probs * _dropout.keep_scale(dropout.rate), 0.0)
+    probs = probs.astype(value.dtype)
     out = jnp.einsum("bnts,bsnh->btnh", probs, value)
     if query_seq_lengths is not None:
         rows = jnp.arange(seqlen_q)[None, :] < query_seq_lengths[:, None]
@@ -225,10 +235,24 @@ def _to_4d(x):
     return None if x is None else jnp.asarray(x)[None] if jnp.ndim(x) == 3 else jnp.asarray(x)
 
 
+class Dropout(NamedTuple):
+    """Attention dropout for attend: rate, PRNG key, and whether every batch row shares
+    one mask (Flax's broadcast_dropout)."""
+
+    rate: float = 0.0
+    key: object = None
+    broadcast_batch: bool = False
+
+
+NO_DROPOUT = Dropout()
+
+
 def attend(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
            query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-           softcap=0.0):
-    """dot_product_attention plus ``softcap`` (for the layers); see dot_product_attention."""
+           softcap=0.0, dropout=NO_DROPOUT):
+    """dot_product_attention plus ``softcap`` and attention ``dropout`` (for the layers);
+    see dot_product_attention. Dropout draws flash_attn_func's mask (jax_flash.dropout)
+    on every path, the XLA fallback included."""
     rank = _check_inputs(query, key, value)
     if not isinstance(is_causal, (bool, np.bool_)):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
@@ -240,18 +264,18 @@ def attend(query, key, value, bias=None, mask=None, *, scale=None, is_causal=Fal
                               key_value_seq_lengths, window)
     if reason is None:
         out = _kernel_path(_to_4d(query), _to_4d(key), _to_4d(value), scale_value,
-                           bool(is_causal), window, softcap)
+                           bool(is_causal), window, softcap, dropout)
         return out[0] if rank == 3 else out
     _warn_fallback_once(reason)
-    if softcap > 0:
+    if softcap > 0 or dropout.rate > 0:
         if query_seq_lengths is not None:
             query_seq_lengths = jnp.asarray(query_seq_lengths)
         if key_value_seq_lengths is not None:
             key_value_seq_lengths = jnp.asarray(key_value_seq_lengths)
-        out = _plain_softcapped_attention(
+        out = _plain_attention(
             _to_4d(query), _to_4d(key), _to_4d(value), _to_4d(bias),
             None if mask is None else _to_4d(mask).astype(bool), scale, bool(is_causal),
-            query_seq_lengths, key_value_seq_lengths, window, softcap,
+            query_seq_lengths, key_value_seq_lengths, window, softcap, dropout,
         )
         return out[0] if rank == 3 else out
     return jax.nn.dot_product_attention(

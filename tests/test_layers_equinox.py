@@ -118,11 +118,26 @@ def test_mask_falls_back_with_a_warning_and_matches_equinox():
     np.testing.assert_allclose(out, theirs(x, x, x, mask=mask), rtol=1e-5, atol=1e-6)
 
 
-def test_dropout_is_never_silently_skipped():
-    ours = MultiheadAttention(2, 8, dropout_p=0.1, dtype=F32, key=jax.random.key(0))
+def test_dropout_draws_the_kernels_mask_on_every_path():
+    ours = MultiheadAttention(2, 8, dropout_p=0.3, dtype=F32, key=jax.random.key(0))
     x = _inputs(9, 5, 8)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        ours(x, x, x, key=jax.random.key(1))
+    with pytest.raises(RuntimeError, match="needs a key"):
+        ours(x, x, x)
+    first, again = ours(x, x, x, key=jax.random.key(1)), ours(x, x, x, key=jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
+    other = ours(x, x, x, key=jax.random.key(2))
+    assert float(jnp.max(jnp.abs(first - other))) > 1e-4
+    assert float(jnp.max(jnp.abs(first - ours(x, x, x, inference=True)))) > 1e-4
+    # A mask that hides nothing takes the XLA fallback, which must draw the same mask.
+    jf.nn._warned_reasons.clear()
+    with pytest.warns(jf.FallbackWarning, match="mask"):
+        fallback = ours(x, x, x, mask=jnp.ones((5, 5), bool), key=jax.random.key(1))
+    np.testing.assert_allclose(fallback, first, rtol=1e-5, atol=1e-6)
+    # vmap over a batch with one key per example, as equinox models do.
+    keys = jax.random.split(jax.random.key(3), 2)
+    batched = jax.vmap(lambda x, k: ours(x, x, x, key=k))(jnp.stack([x, x]), keys)
+    np.testing.assert_allclose(batched[0], ours(x, x, x, key=keys[0]), rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(batched[0] - batched[1]))) > 1e-4
     theirs = eqx.nn.MultiheadAttention(2, 8, dropout_p=0.1, dtype=F32, key=jax.random.key(0))
     np.testing.assert_allclose(ours(x, x, x, inference=True), theirs(x, x, x, inference=True),
                                rtol=1e-5, atol=1e-6)

@@ -139,13 +139,36 @@ def test_mask_falls_back_with_a_warning_and_matches_nnx():
     np.testing.assert_allclose(out, theirs(x, mask=mask), rtol=1e-5, atol=1e-6)
 
 
-def test_dropout_is_never_silently_skipped():
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_dropout_draws_the_kernels_mask_on_every_path(broadcast):
+    layer = MultiHeadAttention(num_heads=2, in_features=8, dropout_rate=0.3,
+                               broadcast_dropout=broadcast, keep_rngs=False, rngs=nnx.Rngs(0))
+    x = jnp.broadcast_to(_inputs(9, 1, 5, 8), (2, 5, 8))  # two identical batch rows
+    with pytest.raises(ValueError, match="rngs"):
+        layer(x, deterministic=False)
+    first = layer(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    np.testing.assert_array_equal(np.asarray(first),
+                                  np.asarray(layer(x, deterministic=False, rngs=nnx.Rngs(dropout=1))))
+    assert float(jnp.max(jnp.abs(first - layer(x, deterministic=True)))) > 1e-4
+    # broadcast_dropout shares one mask across the batch; otherwise each row draws its own.
+    rows_differ = float(jnp.max(jnp.abs(first[0] - first[1])))
+    assert (rows_differ == 0.0) if broadcast else (rows_differ > 1e-4)
+    # A mask that hides nothing takes the XLA fallback, which must draw the same mask.
+    jf.nn._warned_reasons.clear()
+    with pytest.warns(jf.FallbackWarning, match="mask"):
+        fallback = layer(x, mask=jnp.ones((2, 1, 5, 5), bool), deterministic=False,
+                         rngs=nnx.Rngs(dropout=1))
+    np.testing.assert_allclose(fallback, first, rtol=1e-5, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="decode"):
+        layer.init_cache((2, 5, 8))
+        layer(x, decode=True, deterministic=False, rngs=nnx.Rngs(dropout=1))
+
+
+def test_dropout_needs_deterministic_and_matches_nnx_without_it():
     layer = MultiHeadAttention(num_heads=2, in_features=8, dropout_rate=0.1, rngs=nnx.Rngs(0))
     theirs = nnx.MultiHeadAttention(num_heads=2, in_features=8, dropout_rate=0.1, decode=False,
                                     rngs=nnx.Rngs(0))
     x = _inputs(9, 1, 5, 8)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        layer(x, deterministic=False)
     with pytest.raises(ValueError, match="deterministic"):
         layer(x)
     np.testing.assert_allclose(layer(x, deterministic=True), theirs(x, deterministic=True),

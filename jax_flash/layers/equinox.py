@@ -25,7 +25,7 @@ except ImportError as error:  # pragma: no cover - exercised only without equino
     ) from error
 
 from jax_flash import _checks
-from jax_flash.nn import attend, window_to_local_window
+from jax_flash.nn import NO_DROPOUT, Dropout, attend, window_to_local_window
 
 
 class MultiheadAttention(eqx.Module):
@@ -48,9 +48,11 @@ class MultiheadAttention(eqx.Module):
     What runs where: attention runs ``jax_flash.nn.attend``, the jax_flash kernels for
     causal / windowed / unmasked attention. A ``mask`` falls back to XLA with a one-time
     ``jax_flash.FallbackWarning``, with equinox's semantics (a row with every key masked
-    averages all values, as equinox's does). Attention dropout is not implemented in the
-    kernels yet: ``dropout_p > 0`` works in inference mode and raises NotImplementedError
-    when dropout would be applied. The GPU kernels take float16 / bfloat16: use
+    averages all values, as equinox's does). With ``dropout_p > 0`` outside inference mode
+    the kernels drop attention probabilities (``flash_attn_func``'s dropout) with the
+    call's ``key``, which is then required, as in equinox; the draws differ from
+    equinox's (another generator), the distribution is the same. The GPU kernels take
+    float16 / bfloat16: use
     ``dtype=jnp.bfloat16`` there (float32 falls back).
     """
 
@@ -153,7 +155,7 @@ class MultiheadAttention(eqx.Module):
             inference = deterministic
             warnings.warn("MultiheadAttention()(deterministic=...) is deprecated in favour of "
                           "MultiheadAttention()(inference=...)")
-        self._check_no_dropout(inference)
+        dropout = self._dropout(inference, key)
         for name, x in (("query", query), ("key_", key_), ("value", value)):
             if jnp.ndim(x) != 2:
                 raise ValueError(
@@ -184,20 +186,25 @@ class MultiheadAttention(eqx.Module):
         attended = attend(
             query_heads, key_heads, value_heads, mask=mask, is_causal=self.causal,
             local_window_size=window_to_local_window(window, seqlen_q, seqlen_k),
-            softcap=self.softcap,
+            softcap=self.softcap, dropout=dropout,
         )
         return jax.vmap(self.output_proj)(attended.reshape(seqlen_q, -1))
 
-    def _check_no_dropout(self, inference):
+    def _dropout(self, inference, key):
+        """The call's attention dropout: none in inference mode or at p = 0."""
         if inference is None:
             inference = self.dropout.inference
-        if isinstance(self.dropout.p, (int, float)) and self.dropout.p == 0:
-            inference = True
-        if not inference:
-            raise NotImplementedError(
-                "attention dropout is not implemented in jax_flash yet: call with "
-                "inference=True (or eqx.nn.inference_mode), or use dropout_p=0.0"
-            )
+        p = self.dropout.p
+        if inference or (isinstance(p, (int, float)) and p == 0):
+            return NO_DROPOUT
+        if not isinstance(p, (int, float)):
+            raise TypeError(
+                f"dropout_p must be a Python number for the jax_flash kernels, got {type(p).__name__}")
+        if key is None:
+            raise RuntimeError(
+                "attention dropout needs a key outside inference mode: pass key=..., or "
+                "call with inference=True")
+        return Dropout(float(p), key)
 
     @staticmethod
     def _project(projection, x, num_heads):

@@ -30,7 +30,7 @@ except ImportError as error:  # pragma: no cover - exercised only without flax i
     ) from error
 
 from jax_flash import _checks
-from jax_flash.nn import attend, window_to_local_window
+from jax_flash.nn import NO_DROPOUT, Dropout, attend, window_to_local_window
 
 _default_kernel_init = nnx.initializers.lecun_normal()
 _NO_METADATA = MappingProxyType({})
@@ -100,9 +100,13 @@ class MultiHeadAttention(nnx.Module):
         ``jax_flash.FallbackWarning`` (see ``jax_flash.dot_product_attention``). The GPU
         kernels take float16 / bfloat16: use ``dtype=jnp.bfloat16`` there (float32 falls
         back).
-      - Dropout: attention dropout is not implemented in the kernels yet.
-        ``dropout_rate > 0`` works when deterministic, and raises NotImplementedError when
-        dropout would be applied (never a silent no-op).
+      - Dropout: with ``dropout_rate > 0`` and ``deterministic=False`` the kernels drop
+        attention probabilities (``flash_attn_func``'s dropout) with a key from the call's
+        ``rngs.dropout()`` or, with ``keep_rngs``, the layer's own stream, as nnx does.
+        ``broadcast_dropout=True`` (nnx's default) shares one mask across the batch
+        dimensions; heads always get their own. The draws differ from nnx's (another
+        generator), the distribution is the same. Decode mode with dropout raises
+        NotImplementedError.
       - ``sow_weights=True`` raises NotImplementedError: the kernels never form the weights.
       - Decode (``init_cache`` then ``decode=True``): each call appends its tokens to the
         cache at ``cache_index`` and attends causally over the cache (query t sees slots up
@@ -260,7 +264,7 @@ class MultiHeadAttention(nnx.Module):
                 "sow_weights=True: jax_flash never forms the attention weights; use "
                 "nnx.MultiHeadAttention to inspect them"
             )
-        self._check_no_dropout(deterministic)
+        dropout = self._dropout(deterministic, rngs)
 
         sharding = {} if qkv_sharding is None else {"out_sharding": qkv_sharding}
         query = self.query(inputs_q, **sharding)
@@ -271,28 +275,37 @@ class MultiHeadAttention(nnx.Module):
         query, key, value = (x.astype(jnp.result_type(query, key, value)) for x in (query, key, value))
 
         if _first_set(decode, self.decode):
+            if dropout.rate > 0:
+                raise NotImplementedError(
+                    "attention dropout in decode mode: call with deterministic=True")
             attended = self._decode_step(query, key, value, mask)
         else:
-            attended = self._attend(query, key, value, mask, self.causal or bool(is_causal))
+            attended = self._attend(query, key, value, mask, self.causal or bool(is_causal),
+                                    dropout)
         sharding = {} if out_sharding is None else {"out_sharding": out_sharding}
         return self.out(attended, **sharding)
 
-    def _check_no_dropout(self, deterministic):
+    def _dropout(self, deterministic, rngs):
+        """The call's attention dropout: none when deterministic, else a key drawn as nnx
+        draws it (the call's rngs first, then the layer's kept stream)."""
         if self.dropout_rate == 0.0:
-            return
+            return NO_DROPOUT
         deterministic = _first_set(deterministic, self.deterministic)
         if deterministic is None:
             raise ValueError(
                 "dropout_rate > 0 needs `deterministic`, given to the call or the constructor"
             )
-        if not deterministic:
-            raise NotImplementedError(
-                "attention dropout is not implemented in jax_flash yet: call with "
-                "deterministic=True, or use dropout_rate=0.0 (dropout elsewhere in the model "
-                "is unaffected)"
+        if deterministic:
+            return NO_DROPOUT
+        if rngs is None and self.rngs is None:
+            raise ValueError(
+                "dropout needs a key: pass rngs to the call (the layer was built with "
+                "keep_rngs=False)"
             )
+        key = rngs.dropout() if rngs is not None else self.rngs()
+        return Dropout(self.dropout_rate, key, bool(self.broadcast_dropout))
 
-    def _attend(self, query, key, value, mask, causal):
+    def _attend(self, query, key, value, mask, causal, dropout=NO_DROPOUT):
         """Attention over (batch..., length, heads, head_dim), flattening batch dims."""
         batch_shape = query.shape[:-3]
         seqlen_q, seqlen_k = query.shape[-3], key.shape[-3]
@@ -307,7 +320,7 @@ class MultiHeadAttention(nnx.Module):
         out = attend(
             flat(query), flat(key), flat(value), mask=mask, is_causal=causal,
             local_window_size=window_to_local_window(window, seqlen_q, seqlen_k),
-            softcap=self.softcap,
+            softcap=self.softcap, dropout=dropout,
         )
         return out.reshape(query.shape)
 
