@@ -1,10 +1,10 @@
 """flash_attn_with_kvcache's semantics in plain jax.numpy, for tests and documentation.
 
 Written independently of jax_flash.kvcache (which scatters into the cache and calls the
-kernel): here every cache slot looks up which (batch row, position) writes it, each batch
-row's keys are gathered from the cache into a contiguous array, right-aligned so that one
-bottom-right diagonal serves every row, and reference_attention masks what a row may not
-see through segment ids. It materializes all of that, so it is for small inputs; it
+kernel): here every cache page looks up the batch row that owns it and takes that row's new
+keys where they fall, each batch row's keys are gathered from the cache into a contiguous
+array, right-aligned so that one bottom-right diagonal serves every row, and
+reference_attention masks what a row may not see through segment ids. It materializes all of that, so it is for small inputs; it
 computes in the dtype it is given (float64 inputs, with jax_enable_x64, for a
 high-precision reference).
 """
@@ -37,36 +37,30 @@ def reference_rotary(x, cos, sin, positions, interleaved=True):
     return jnp.concatenate([rotated.astype(x.dtype), x[..., 2 * half:]], axis=-1)
 
 
-def _where_keys_live(batch, num_pages, page_size, capacity, cache_batch_idx, block_table):
-    """(page, slot) of key j of each batch row, (batch, capacity) each, and readable: the page
-    (or cache row) is one the cache has."""
-    j = jnp.arange(capacity)
+def _page_table(batch, cache_batch_idx, block_table):
+    """(batch, max_blocks): the page holding each block of page_size keys of each row. A
+    contiguous cache is one page (its cache row) of capacity keys per batch row."""
     if block_table is not None:
-        page = jnp.asarray(block_table)[:, j // page_size]
-        slot = jnp.broadcast_to(j % page_size, (batch, capacity))
-    else:
-        rows = jnp.arange(batch) if cache_batch_idx is None else jnp.asarray(cache_batch_idx)
-        page = jnp.broadcast_to(rows[:, None], (batch, capacity))
-        slot = jnp.broadcast_to(j, (batch, capacity))
-    readable = (page >= 0) & (page < num_pages)
-    return page, slot, readable
+        return jnp.asarray(block_table)
+    rows = jnp.arange(batch) if cache_batch_idx is None else jnp.asarray(cache_batch_idx)
+    return rows[:, None]
 
 
-def _append(cache, new, page, slot, writes, cached):
-    """The cache after the append: slot (P, r) takes new[b, j - cached[b]] of the (b, j)
-    that writes it (writes[b, j] says whether key j of row b is written), else stays."""
+def _append(cache, new, table, cached):
+    """The cache after the append: each page looks up the (row b, block) that owns it in
+    the table, and its slots that are positions cached[b] .. cached[b] + seqlen_new - 1 of
+    that row take the new rows; everything else stays. Table entries that name no page own
+    nothing, so their writes vanish. (A page owned twice takes its first owner's writes.)"""
     num_pages, page_size = cache.shape[:2]
-    batch, capacity = page.shape
-    target = page * page_size + slot                                     # (batch, capacity)
-    match = writes[None, :, :] & (target[None, :, :] == jnp.arange(num_pages * page_size)[:, None, None])
-    match = match.reshape(num_pages * page_size, batch * capacity)
-    written = jnp.any(match, axis=1)
-    writer = jnp.argmax(match, axis=1)                                   # first (b, j) that writes
-    b, j = writer // capacity, writer % capacity
-    values = new[b, jnp.clip(j - cached[b], 0, new.shape[1] - 1)]
-    flat = cache.reshape((num_pages * page_size,) + cache.shape[2:])
-    flat = jnp.where(written[:, None, None], values, flat)
-    return flat.reshape(cache.shape)
+    max_blocks = table.shape[1]
+    owners = table.reshape(-1)[None, :] == jnp.arange(num_pages)[:, None]
+    owned, first = jnp.any(owners, axis=1), jnp.argmax(owners, axis=1)
+    b, block = first // max_blocks, first % max_blocks                    # (num_pages,)
+    position = block[:, None] * page_size + jnp.arange(page_size)[None, :]  # (pages, slots)
+    start = cached[b][:, None]
+    written = owned[:, None] & (position >= start) & (position < start + new.shape[1])
+    values = new[b[:, None], jnp.clip(position - start, 0, new.shape[1] - 1)]
+    return jnp.where(written[:, :, None, None], values, cache)
 
 
 def reference_attn_with_kvcache(
@@ -94,14 +88,17 @@ def reference_attn_with_kvcache(
         steps = jnp.arange(seqlen_q) if moving else jnp.zeros(seqlen_q, jnp.int32)
         q = reference_rotary(q, rotary_cos, rotary_sin, cached[:, None] + steps, rotary_interleaved)
 
-    page, slot, readable = _where_keys_live(batch, num_pages, page_size, capacity,
-                                            cache_batch_idx, block_table)
-    j = jnp.arange(capacity)[None, :]
+    table = _page_table(batch, cache_batch_idx, block_table)
     if seqlen_new:
-        writes = readable & (j >= cached[:, None]) & (j < cached[:, None] + seqlen_new)
-        k_cache = _append(k_cache, k, page, slot, writes, cached)
-        v_cache = _append(v_cache, v, page, slot, writes, cached)
+        k_cache = _append(k_cache, k, table, cached)
+        v_cache = _append(v_cache, v, table, cached)
 
+    # Key j of row b: page table[b, j // page_size], slot j % page_size; readable if the
+    # cache has that page (or row).
+    j = jnp.arange(capacity)[None, :]
+    page = table[:, jnp.arange(capacity) // page_size]
+    slot = jnp.broadcast_to(j % page_size, page.shape)
+    readable = (page >= 0) & (page < num_pages)
     count = jnp.clip(cached + seqlen_new, 0, capacity)
     visible = readable & (j < count[:, None])
     safe_page = jnp.clip(page, 0, num_pages - 1)
