@@ -22,7 +22,7 @@ from jax_flash import _checks, _ffi
 
 PAGE_SIZE_MULTIPLE = 16  # csrc/ffi/decode_kvcache.h checks the same
 # cache_seqlens are clamped into [-seqlen_new, MAX_CACHE_SEQLEN] before any arithmetic, so
-# that cache_seqlens + seqlen_new cannot overflow int32. Every cache is shorter than this,
+# that cache_seqlens + seqlen_new cannot overflow int32. No cache row may be longer (checked),
 # so the clamp changes no result.
 MAX_CACHE_SEQLEN = 1 << 30
 
@@ -153,6 +153,8 @@ def check_caches(q, k_cache, v_cache, cache_batch_idx, block_table):
                 f"k_cache has {num_pages} rows but q has batch {batch}: without cache_batch_idx, "
                 f"batch row b reads cache row b")
         max_blocks, capacity = 1, page_size
+    if capacity > MAX_CACHE_SEQLEN:
+        raise ValueError(f"a cache row may hold at most 2**30 keys, this one holds {capacity}")
     return CacheLayout(batch, seqlen_q, num_heads, head_dim, num_heads_kv, paged, page_size,
                        max_blocks, capacity)
 

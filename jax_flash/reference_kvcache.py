@@ -4,9 +4,9 @@ Written independently of jax_flash.kvcache (which scatters into the cache and ca
 kernel): here every cache page looks up the batch row that owns it and takes that row's new
 keys where they fall, each batch row's keys are gathered from the cache into a contiguous
 array, right-aligned so that one bottom-right diagonal serves every row, and
-reference_attention masks what a row may not see through segment ids. It materializes all of that, so it is for small inputs; it
-computes in the dtype it is given (float64 inputs, with jax_enable_x64, for a
-high-precision reference).
+reference_attention masks what a row may not see through segment ids. It materializes all
+of that, so it is for small inputs; it computes in the dtype it is given (float64 inputs,
+with jax_enable_x64, for a high-precision reference).
 """
 
 from __future__ import annotations
@@ -112,7 +112,10 @@ def reference_attn_with_kvcache(
     source = column - (capacity - count)[:, None]
     inside = source >= 0
     source = jnp.clip(source, 0, capacity - 1)
-    take = lambda x: jnp.take_along_axis(x, source.reshape(source.shape + (1,) * (x.ndim - 2)), axis=1)  # noqa: E731
+
+    def take(x):  # x (batch, capacity, ...) right-aligned
+        return jnp.take_along_axis(x, source.reshape(source.shape + (1,) * (x.ndim - 2)), axis=1)
+
     kv_ids = jnp.where(inside & take(visible), 0, 1).astype(jnp.int32)
     results = reference_attention(
         q, take(keys), take(values), softmax_scale=softmax_scale, causal=causal,

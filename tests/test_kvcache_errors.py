@@ -76,6 +76,11 @@ def test_paged_errors(changes, match):
         trace(base(paged=True, **changes))
 
 
+def test_capacity_limit():
+    with pytest.raises(ValueError, match=r"at most 2\*\*30 keys, this one holds 2147483648"):
+        trace(base(paged=True, block_table=spec((B, 2**27), jnp.int32)))
+
+
 def test_paged_cache_rank_error_names_the_paged_layout():
     with pytest.raises(ValueError, match=r"k_cache must have rank 4 \(num_blocks, page_size"):
         trace(base(paged=True, k_cache=spec((NB, PS, HK * D)), v_cache=spec((NB, PS, HK * D))))
