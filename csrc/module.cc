@@ -22,6 +22,7 @@ NB_MODULE(_jax_flash, m) {
     nb::dict targets;
     targets["jax_flash_forward"] = handler_capsule(JaxFlashForwardCpu);
     targets["jax_flash_backward"] = handler_capsule(JaxFlashBackwardCpu);
+    targets["jax_flash_kvcache_forward"] = handler_capsule(JaxFlashKvCacheForwardCpu);
     return targets;
   });
   m.def("cuda_targets", [] {
@@ -29,6 +30,7 @@ NB_MODULE(_jax_flash, m) {
 #ifdef JAX_FLASH_WITH_CUDA
     targets["jax_flash_forward"] = handler_capsule(JaxFlashForwardCuda);
     targets["jax_flash_backward"] = handler_capsule(JaxFlashBackwardCuda);
+    targets["jax_flash_kvcache_forward"] = handler_capsule(JaxFlashKvCacheForwardCuda);
 #endif
     return targets;
   });

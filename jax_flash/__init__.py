@@ -7,8 +7,10 @@ from jax_flash.attention import (
     flash_attn_qkvpacked_func,
 )
 from jax_flash.dropout import dropout_mask
+from jax_flash.kvcache import flash_attn_with_kvcache
 from jax_flash.nn import FallbackWarning, dot_product_attention
 from jax_flash.reference import reference_attention
+from jax_flash.reference_kvcache import reference_attn_with_kvcache
 from jax_flash.varlen import (
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
@@ -34,7 +36,9 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "reference_attention",
+    "reference_attn_with_kvcache",
     "ring_attention",
     "sequence_parallel_attention",
     "sequence_permutation",

@@ -102,3 +102,30 @@ def backward(config: KernelConfig, q, k, v, out, dout, lse, dlse, alibi_slopes, 
     return jax.lax.platform_dependent(q, k, v, out, dout, lse, dlse, alibi_slopes,
                                       q_segment_ids, kv_segment_ids, dropout_seeds, cpu=on_cpu,
                                       cuda=on_cuda)
+
+
+# ---- KV cache (flash_attn_with_kvcache) ----
+
+KVCACHE_FORWARD_TARGET = "jax_flash_kvcache_forward"
+
+
+def kvcache_forward(config, q, k_cache, v_cache, alibi_slopes, seqlens_k, kv_batch_idx,
+                    block_table):
+    """out (like q) and lse (batch, num_heads, seqlen_q) float32 of q against caches read in
+    place: k_cache / v_cache (batch_cache, seqlen_cache, heads_kv, head_dim) or, paged,
+    (num_blocks, page_size, heads_kv, head_dim). Every operand is always passed: slopes
+    (batch, num_heads) float32, seqlens_k (batch,) int32 (the keys each row sees),
+    kv_batch_idx (batch,) and block_table (batch, max_blocks) int32; the config (a
+    jax_flash.kvcache.KvCacheConfig) says which are on.
+    """
+    _check_platform(q.dtype)
+    batch, seqlen_q, num_heads, _ = q.shape
+    result_shapes = (
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct((batch, num_heads, seqlen_q), jnp.float32),
+    )
+    # Under vmap: one call per mapped element (the caches are shared pools, so the mapped
+    # axis cannot simply fold into the batch).
+    call = jax.ffi.ffi_call(KVCACHE_FORWARD_TARGET, result_shapes, vmap_method="sequential")
+    return call(q, k_cache, v_cache, alibi_slopes, seqlens_k, kv_batch_idx, block_table,
+                **config.attributes())

@@ -54,3 +54,11 @@ def test_ring_attention_example():
     assert len(lines) == 2, output
     for line in lines:
         assert "on 8 cpu devices" in line and float(line.rsplit(" ", 1)[1]) < 1e-5, line
+
+
+@pytest.mark.parametrize("cache", [[], ["--paged"]], ids=["contiguous", "paged"])
+def test_decode_example_matches_recomputation(cache):
+    output = _run("decode.py", "--tokens", "6", *cache)
+    difference = re.search(r"max \|logit difference\| \(cache vs recompute\): (\S+)", output)
+    assert difference and float(difference.group(1)) < 1e-4, output
+    assert "greedy tokens agree: True" in output

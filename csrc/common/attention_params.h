@@ -75,15 +75,32 @@ struct AttentionParams {
 
   TensorStrides q_strides, k_strides, v_strides, out_strides;
 
-  // Attention dropout (common/dropout.h; kept after the operands so that adding it left
-  // the other fields' offsets, and the kernels without dropout, unchanged): the Philox key of each (batch, head), uint32
-  // (batch, num_heads, 2); null when off. An element is kept iff its 16-bit draw is below
-  // dropout_keep_threshold (the keep probability times 2^16, set by the caller so that
-  // every implementation draws the same mask), and kept probabilities are multiplied by
-  // dropout_scale (2^16 / threshold: exactly unbiased). lse is that of the undropped row.
+  // Attention dropout (common/dropout.h; after the operands, so that adding it left the
+  // other fields' offsets, and the kernels without dropout, unchanged): the Philox key of
+  // each (batch, head), uint32 (batch, num_heads, 2); null when off. An element is kept
+  // iff its 16-bit draw is below dropout_keep_threshold (the keep probability times 2^16,
+  // set by the caller so that every implementation draws the same mask), and kept
+  // probabilities are multiplied by dropout_scale (2^16 / threshold: exactly unbiased).
+  // lse is that of the undropped row.
   const uint32_t* dropout_seeds = nullptr;
   uint32_t dropout_keep_threshold = 0;
   float dropout_scale = 1.0f;
+
+  // KV cache (flash_attn_with_kvcache; forward only). k and v are then caches read in place,
+  // (num_cache_pages, page_size, num_heads_kv, head_dim), k_strides.batch stepping one page,
+  // and seqlen_k is one batch row's capacity. Lengths and page ids are arrays, not
+  // attributes, so one compiled call serves every decoding step. common/kv_cache.h holds the
+  // one rule that turns these into key counts and addresses (clamping, unreadable pages).
+  const int32_t* seqlens_k = nullptr;     // (batch,) keys each row sees; non-null = KV cache
+  const int32_t* kv_batch_idx = nullptr;  // (batch,) cache row of each batch row (contiguous
+                                          // caches; lets a batch pick rows without a copy);
+                                          // null = row b
+  const int32_t* block_table = nullptr;   // (batch, max_blocks_per_seq) page ids (paged
+                                          // cache: a shared pool); null = contiguous cache
+  int64_t page_size = 0;           // keys per page; a contiguous cache is one page of seqlen_k
+  int64_t max_blocks_per_seq = 0;  // block_table's row length
+  int64_t num_cache_pages = 0;     // the caches' leading dim: bounds the page ids / rows read
+  int num_splits = 0;              // GPU split-KV count (0 = heuristic); the CPU ignores it
 
   JAX_FLASH_HOST_DEVICE bool has_window() const { return window_left >= 0 || window_right >= 0; }
   JAX_FLASH_HOST_DEVICE bool has_alibi() const { return alibi_slopes != nullptr; }

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "common/dropout.h"
+#include "cpu/kv_cache_tile.h"
 #include "cpu/tile.h"
 
 namespace jax_flash::cpu {
@@ -23,8 +24,12 @@ const float* lse_row(const float* base, const AttentionParams& p, int64_t b, int
 // One task: a block of query rows of one (batch, head), swept over all visible keys with
 // the online softmax: a running row max and row sum rescale the accumulator as keys arrive.
 template <typename T>
-void forward_block(const AttentionParams& p, int64_t b, int64_t head, int64_t row0, int m) {
+void forward_block(const AttentionParams& call, int64_t b, int64_t head, int64_t row0, int m) {
   using A = Accumulator<T>;
+  // A KV-cache call gives each batch row its own key count and diagonal; else p == call.
+  const AttentionParams p = kv_cache_row_params(call, b);
+  const bool from_cache = has_kv_cache(p);
+  bool readable[kBlockN];
   const int64_t d = p.head_dim;
   const int64_t head_kv = head / p.group_size();
   const float slope = alibi_slope_for(p, b, head);
@@ -39,10 +44,15 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t head, int64_t ro
     const int n = static_cast<int>(std::min<int64_t>(kBlockN, keys.end - col0));
     const SegmentIds segments = SegmentIds::of(p, b, row0, col0);
     if (!segments.meet(m, n)) continue;
-    load_rows_transposed<T>(p.k, p.k_strides, b, head_kv, col0, n, d, kBlockN, kt.data());
-    load_rows<T>(p.v, p.v_strides, b, head_kv, col0, n, d, v.data());
+    if (from_cache) {
+      load_kv_cache_tile<T>(p, b, head_kv, col0, n, kt.data(), v.data(), readable);
+    } else {
+      load_rows_transposed<T>(p.k, p.k_strides, b, head_kv, col0, n, d, kBlockN, kt.data());
+      load_rows<T>(p.v, p.v_strides, b, head_kv, col0, n, d, v.data());
+    }
     matmul_abt(q.data(), kt.data(), m, n, d, s.data());
     finish_scores<A>(p, slope, row0, m, col0, n, segments, s.data(), nullptr);
+    if (from_cache) mask_unreadable_keys(readable, m, n, s.data());
 
     for (int i = 0; i < m; ++i) {
       A* s_row = s.data() + i * kBlockN;

@@ -54,3 +54,26 @@ auto bind_attributes(Binding binding) {
 }
 
 }  // namespace jax_flash::ffi_glue
+
+// ---- KV cache (flash_attn_with_kvcache): its own operand list and attribute struct ----
+#include "ffi/decode_kvcache.h"
+
+namespace jax_flash::ffi_glue {
+
+// q, k_cache, v_cache, alibi_slopes, seqlens_k, kv_batch_idx, block_table -> out, lse;
+// then the KvCacheAttributes.
+template <typename Binding>
+auto bind_kvcache_forward(Binding binding) {
+  return std::move(binding).template Arg<ffi::AnyBuffer>()         // q
+      .template Arg<ffi::AnyBuffer>()                   // k_cache
+      .template Arg<ffi::AnyBuffer>()                   // v_cache
+      .template Arg<ffi::Buffer<ffi::F32>>()            // alibi_slopes
+      .template Arg<ffi::Buffer<ffi::S32>>()            // seqlens_k
+      .template Arg<ffi::Buffer<ffi::S32>>()            // kv_batch_idx
+      .template Arg<ffi::Buffer<ffi::S32>>()            // block_table
+      .template Ret<ffi::AnyBuffer>()                   // out
+      .template Ret<ffi::Buffer<ffi::F32>>()            // lse
+      .template Attrs<KvCacheAttributes>();
+}
+
+}  // namespace jax_flash::ffi_glue

@@ -100,3 +100,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBackwardCpu, jax_flash::ffi_glue::backward
                               jax_flash::ffi_glue::bind_attributes(
                                   jax_flash::ffi_glue::bind_backward_operands(
                                       ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())));
+
+// ---- KV cache (flash_attn_with_kvcache) ----
+namespace jax_flash::ffi_glue {
+namespace {
+
+ffi::Error kvcache_forward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                               ffi::AnyBuffer v_cache, ffi::Buffer<ffi::F32> alibi_slopes,
+                               ffi::Buffer<ffi::S32> seqlens_k, ffi::Buffer<ffi::S32> kv_batch_idx,
+                               ffi::Buffer<ffi::S32> block_table, ffi::Result<ffi::AnyBuffer> out,
+                               ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                               const KvCacheAttributes& attrs) {
+  AttentionParams p;
+  if (auto e = decode_kvcache_forward(
+          {q, k_cache, v_cache, alibi_slopes, seqlens_k, kv_batch_idx, block_table}, attrs, *out,
+          *lse, &p);
+      e.failure())
+    return e;
+  poison_if_requested(*out, *lse);
+  cpu::attention_forward(p, make_parallel_for(pool));
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace jax_flash::ffi_glue
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashKvCacheForwardCpu, jax_flash::ffi_glue::kvcache_forward_cpu,
+                              jax_flash::ffi_glue::bind_kvcache_forward(
+                                  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));

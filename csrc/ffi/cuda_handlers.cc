@@ -92,3 +92,35 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBackwardCuda, jax_flash::ffi_glue::backwar
                                   jax_flash::ffi_glue::bind_backward_operands(
                                       ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
                                       .Ret<ffi::Buffer<ffi::U8>>()));  // workspace
+
+// ---- KV cache (flash_attn_with_kvcache) ----
+namespace jax_flash::ffi_glue {
+namespace {
+
+// The params are decoded (and checked) exactly as on the CPU, so the CUDA kernel only has to
+// replace the error below with its launch: cuda::flash_kvcache_forward(p, stream), say.
+ffi::Error kvcache_forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
+                                ffi::AnyBuffer v_cache, ffi::Buffer<ffi::F32> alibi_slopes,
+                                ffi::Buffer<ffi::S32> seqlens_k, ffi::Buffer<ffi::S32> kv_batch_idx,
+                                ffi::Buffer<ffi::S32> block_table, ffi::Result<ffi::AnyBuffer> out,
+                                ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                                const KvCacheAttributes& attrs) {
+  AttentionParams p;
+  if (auto e = decode_kvcache_forward(
+          {q, k_cache, v_cache, alibi_slopes, seqlens_k, kv_batch_idx, block_table}, attrs, *out,
+          *lse, &p);
+      e.failure())
+    return e;
+  (void)stream;
+  return ffi::Error(ffi::ErrorCode::kUnimplemented,
+                    "jax_flash: flash_attn_with_kvcache is not implemented on CUDA yet (the CPU "
+                    "kernels run it: place the arrays on a CPU device)");
+}
+
+}  // namespace
+}  // namespace jax_flash::ffi_glue
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashKvCacheForwardCuda,
+                              jax_flash::ffi_glue::kvcache_forward_cuda,
+                              jax_flash::ffi_glue::bind_kvcache_forward(
+                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
