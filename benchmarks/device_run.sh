@@ -3,7 +3,8 @@
 # our kernels, and benchmark. Logs and JSON go to $OUT (the device tool returns them).
 # Steps are arguments, each optionally with a time limit in seconds (step:seconds):
 #   bash benchmarks/device_run.sh build gputests:300 memcheck:120 bench-quick
-# Steps: build cputests gputests gputests-kvcache memcheck bench bench-quick bench-ring bench-packed examples. (Register and spill counts
+# Steps: build cputests gputests gputests-kvcache memcheck bench bench-quick bench-ring bench-packed
+# bench-kvcache examples. (Register and spill counts
 # need no GPU: nvcc -Xptxas -v on an instantiation file, here.)
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
@@ -42,8 +43,7 @@ run_step() {
       grep -E " (FAILED|ERROR) |^E  .*Error|passed|failed" "$OUT/gputests.log" | head -40
       ;;
     gputests-kvcache)
-      # flash_attn_with_kvcache's GPU tests (they fail with "not implemented on CUDA yet"
-      # until the CUDA decode kernel lands, so they are a step of their own for now).
+      # flash_attn_with_kvcache's GPU tests, a step of their own (a long list).
       (cd tests && XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_autotune_level=0 timeout "$limit" $PY -m pytest -v -n 8 \
         -p no:cacheprovider -p no:benchmark --tb=short -rfE test_gpu_kvcache.py > "$OUT/gputests_kvcache.log" 2>&1)
       grep -cE " PASSED " "$OUT/gputests_kvcache.log" | sed 's/^/passed so far: /'
@@ -51,7 +51,7 @@ run_step() {
       ;;
     memcheck)
       # One process per option group (see gpu_memcheck_driver.py).
-      for group in ${MEMCHECK_GROUPS:-masks deterministic dropout}; do
+      for group in ${MEMCHECK_GROUPS:-masks deterministic dropout kvcache}; do
         (cd tests && XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$limit" compute-sanitizer --tool memcheck \
           --print-limit 20 --kernel-name kns=jax_flash $PY gpu_memcheck_driver.py $group > "$OUT/memcheck_$group.log" 2>&1)
         # If the sanitizer's front end dies, its target must not run on beside later steps.
@@ -70,6 +70,9 @@ run_step() {
       # ring_attention on a one-device mesh against the plain op, same run, d128.
       (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 --seqlens 2048 8192 16384 \
         --impls jax_flash ring_1dev cudnn --json "$OUT/bench_ring.json") 2>&1 | tee "$OUT/bench_ring.log"
+      ;;
+    bench-kvcache)
+      (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_kvcache.py" --json "$OUT/bench_kvcache.json") 2>&1 | tee "$OUT/bench_kvcache.log"
       ;;
     bench-packed)
       (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_packed.py" --json "$OUT/bench_packed.json") 2>&1 | tee "$OUT/bench_packed.log"

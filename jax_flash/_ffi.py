@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_flash import _jax_flash
 from jax_flash._config import KernelConfig
@@ -124,8 +125,57 @@ def kvcache_forward(config, q, k_cache, v_cache, alibi_slopes, seqlens_k, kv_bat
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct((batch, num_heads, seqlen_q), jnp.float32),
     )
+    operands = (q, k_cache, v_cache, alibi_slopes, seqlens_k, kv_batch_idx, block_table)
+
     # Under vmap: one call per mapped element (the caches are shared pools, so the mapped
     # axis cannot simply fold into the batch).
-    call = jax.ffi.ffi_call(KVCACHE_FORWARD_TARGET, result_shapes, vmap_method="sequential")
-    return call(q, k_cache, v_cache, alibi_slopes, seqlens_k, kv_batch_idx, block_table,
-                **config.attributes())
+    def on_cpu(*operands):
+        call = jax.ffi.ffi_call(KVCACHE_FORWARD_TARGET, result_shapes, vmap_method="sequential")
+        return tuple(call(*operands, **config.attributes()))
+
+    def on_cuda(*operands):
+        # The split count is fixed here, at trace time, because it sizes the workspace
+        # result (each split's float32 rows and lse), which XLA allocates like any buffer.
+        capacity = block_table.shape[1] * k_cache.shape[1] if config.has_block_table else k_cache.shape[1]
+        splits = config.num_splits or kvcache_num_splits(
+            batch, k_cache.shape[2], seqlen_q * (num_heads // k_cache.shape[2]), capacity,
+            _gpu_sm_count())
+        attributes = dict(config.attributes(), num_splits=np.int64(splits))
+        workspace = jax.ShapeDtypeStruct((_kvcache_workspace_bytes(q, splits),), jnp.uint8)
+        call = jax.ffi.ffi_call(KVCACHE_FORWARD_TARGET, result_shapes + (workspace,),
+                                vmap_method="sequential")
+        return tuple(call(*operands, **attributes)[:2])
+
+    return jax.lax.platform_dependent(*operands, cpu=on_cpu, cuda=on_cuda)
+
+
+MAX_KVCACHE_SPLITS = 128  # csrc/cuda/dispatch.cu checks the same
+
+
+def kvcache_num_splits(batch, num_heads_kv, rows, capacity, sm_count):
+    """How many slices of the keys the CUDA kernel splits each (batch row, KV head, row
+    block) into: enough CTAs for two per SM when the call alone would leave SMs idle (decoding
+    a few long sequences), none when it fills the GPU, and at least 4 key blocks (256 keys)
+    per slice. Mirrors the kernel's tile shapes: 16 rows per CTA up to 16, else 64."""
+    row_blocks = -(-rows // (16 if rows <= 16 else 64))
+    ctas = batch * num_heads_kv * row_blocks
+    slots = 2 * sm_count
+    if ctas == 0 or ctas >= 0.8 * slots:
+        return 1
+    key_blocks = -(-capacity // 64)
+    return int(max(1, min(slots // ctas, key_blocks // 4, MAX_KVCACHE_SPLITS)))
+
+
+def _gpu_sm_count():
+    """SMs of the first GPU (what split-KV fills); 132 (an H100) when JAX does not say."""
+    gpus = [d for d in jax.devices() if d.platform == "gpu"] if jax.default_backend() == "gpu" else []
+    return int(getattr(gpus[0], "core_count", 0) or 132) if gpus else 132
+
+
+def _kvcache_workspace_bytes(q, num_splits):
+    """Mirrors cuda::kvcache_workspace_bytes: each split's rows (float32) and lse."""
+    if num_splits <= 1:
+        return 1  # XLA wants a nonzero buffer; the kernels do not touch it
+    batch, seqlen_q, num_heads, head_dim = q.shape
+    rows = num_splits * batch * num_heads * seqlen_q
+    return _round_up(rows * head_dim * 4) + _round_up(rows * 4)

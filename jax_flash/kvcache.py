@@ -236,8 +236,9 @@ def check_rotary(rotary_cos, rotary_sin, rotary_interleaved, head_dim, seqlen_ne
 def check_num_splits(num_splits):
     if not _is_int(num_splits):
         raise TypeError(f"num_splits must be an int, got {type(num_splits).__name__}")
-    if num_splits < 0:
-        raise ValueError(f"num_splits must be >= 0 (0 = choose automatically), got {num_splits}")
+    if not 0 <= num_splits <= _ffi.MAX_KVCACHE_SPLITS:
+        raise ValueError(f"num_splits must be in [0, {_ffi.MAX_KVCACHE_SPLITS}] "
+                         f"(0 = choose automatically), got {num_splits}")
     return int(num_splits)
 
 

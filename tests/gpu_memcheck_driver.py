@@ -1,7 +1,7 @@
 """Calls only jax_flash's CUDA kernels (forward and backward) on small odd shapes, for
 `compute-sanitizer --tool memcheck`; no reference, so the sanitizer sees our kernels alone.
 Not collected by pytest (no test_ prefix); benchmarks/device_run.sh runs it, one option
-group per process (`masks`, `deterministic`, `dropout`): with every group in one process the
+group per process (`masks`, `deterministic`, `dropout`, `kvcache`): with every group in one process the
 sanitizer's front end has segfaulted (2026-11-24), while each group alone ran clean."""
 
 import os
@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import jax_flash as jf
 from jax_flash.attention import _attention
 
 SHAPES = [(1, 1, 1, 2, 1, 16), (2, 17, 33, 4, 2, 64), (1, 33, 17, 4, 1, 24), (1, 130, 70, 2, 2, 7),
@@ -31,8 +32,32 @@ DROPOUT_OPTIONS = [dict(dropout_p=0.3), dict(causal=True, window_size=(9, -1), d
                    dict(window_size=(7, 7), segments="random", dropout_p=0.2),
                    dict(causal=True, segments="sorted", dropout_p=0.2, deterministic=True)]
 GROUPS = {"masks": MASK_OPTIONS, "deterministic": DETERMINISTIC_OPTIONS,
-          "dropout": DROPOUT_OPTIONS}
+          "dropout": DROPOUT_OPTIONS, "kvcache": []}
 OPTIONS = [o for name in (sys.argv[1:] or GROUPS) for o in GROUPS[name]]
+
+
+def kvcache_calls():
+    """flash_attn_with_kvcache's kernel on contiguous and paged caches, one split and
+    several, decode and prefill tile shapes, with lengths past the capacity or negative and
+    page ids out of range (the rule of common/kv_cache.h: nothing may be read outside)."""
+    from kvcache_cases import build
+
+    layouts = [dict(seqlen_cache=300), dict(page_size=16, max_blocks=20, num_blocks=45),
+               dict(page_size=48, max_blocks=7, num_blocks=15)]
+    for layout in layouts:
+        for seqlen_q, heads, head_dim in ((1, 8, 128), (5, 8, 64), (40, 4, 256), (1, 2, 7)):
+            args = build(seqlen_q + head_dim, layout, (seqlen_q, seqlen_q), jnp.bfloat16, batch=3,
+                         heads=heads, heads_kv=2, head_dim=head_dim, lengths=[0, 150, 10**6])
+            args["cache_seqlens"] = jnp.asarray([-5, 150, 10**6], jnp.int32)
+            if "block_table" in args:
+                table = np.asarray(args["block_table"]).copy()
+                table[1, 2], table[1, 3] = -7, 10**6
+                args["block_table"] = jnp.asarray(table, jnp.int32)
+            for num_splits in (1, 3):
+                for causal in (False, True):
+                    out = jf.flash_attn_with_kvcache(**args, causal=causal, num_splits=num_splits)
+                    assert bool(jnp.all(jnp.isfinite(out[0].astype(jnp.float32)))), (layout, seqlen_q)
+        print("ok kvcache", layout, flush=True)
 
 
 def with_segment_ids(options, b, sq, sk, rng):
@@ -47,7 +72,9 @@ def with_segment_ids(options, b, sq, sk, rng):
     return options
 
 
-for shape in SHAPES:
+if "kvcache" in sys.argv[1:]:
+    kvcache_calls()
+for shape in SHAPES if OPTIONS else []:
     b, sq, sk, h, hk, d = shape
     rng = np.random.default_rng(sum(shape))
     q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16)

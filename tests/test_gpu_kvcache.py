@@ -1,8 +1,7 @@
 """flash_attn_with_kvcache on the GPU against a float32 reference, for decode-sized calls.
 
 Runs only where JAX has a GPU and jax_flash was built with its CUDA kernels; elsewhere
-every test here is skipped with the reason. (Until the CUDA decode kernel lands, the CUDA
-handler answers every call with "not implemented on CUDA yet", so these fail there.)
+every test here is skipped with the reason.
 """
 
 import jax

@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <unordered_map>
 
+#include "common/kv_cache.h"
 #include "cuda/flash_api.h"
 #include "cuda/launch.h"
 
@@ -103,6 +104,7 @@ int head_dim_class(int64_t head_dim) {
 
 constexpr int64_t kMaxSeqlen = int64_t{1} << 29;  // keeps window arithmetic inside int32
 constexpr int64_t kMaxGridYZ = 65535;
+constexpr int kMaxKvCacheSplits = 128;
 
 // Window sides so wide that they cannot mask anything become unbounded (-1), which is
 // exactly equivalent, keeps indices small, and lets such calls use the unmasked kernels.
@@ -272,6 +274,55 @@ Status flash_forward(const AttentionParams& p_in, cudaStream_t stream) {
     case Architecture::kSm80:
       if (p.element_type == ElementType::kFloat16) return forward_sm80<__half>(d, p, options, stream);
       return forward_sm80<__nv_bfloat16>(d, p, options, stream);
+  }
+  return Status::Unimplemented("jax_flash CUDA: no kernels for this GPU");
+}
+
+size_t kvcache_workspace_bytes(const AttentionParams& p) {
+  if (p.num_splits <= 1) return 0;
+  const size_t rows = static_cast<size_t>(p.num_splits * p.batch * p.num_heads * p.seqlen_q);
+  return round_up(rows * p.head_dim * sizeof(float)) + round_up(rows * sizeof(float));
+}
+
+KvCacheWorkspace kvcache_workspace(void* base, const AttentionParams& p) {
+  KvCacheWorkspace workspace;
+  workspace.num_splits = p.num_splits > 1 ? p.num_splits : 1;
+  if (workspace.num_splits == 1) return workspace;
+  const size_t rows = static_cast<size_t>(p.num_splits * p.batch * p.num_heads * p.seqlen_q);
+  workspace.out_accum = static_cast<float*>(base);
+  workspace.lse_accum = reinterpret_cast<float*>(static_cast<char*>(base) +
+                                                 round_up(rows * p.head_dim * sizeof(float)));
+  return workspace;
+}
+
+Status flash_kvcache_forward(const AttentionParams& p, const KvCacheWorkspace& workspace,
+                             cudaStream_t stream) {
+  int d = 0;
+  if (Status s = validate(p, &d); !s.ok()) return s;
+  if (!has_kv_cache(p) || p.page_size <= 0)
+    return Status::InvalidArgument("jax_flash CUDA: a KV-cache call without cache lengths");
+  if (p.k_strides.batch != p.v_strides.batch || p.k_strides.row != p.v_strides.row ||
+      p.k_strides.head != p.v_strides.head)
+    return Status::InvalidArgument("jax_flash CUDA: the key and value caches must share a layout");
+  if (workspace.num_splits < 1 || workspace.num_splits > kMaxKvCacheSplits)
+    return Status::InvalidArgument("jax_flash CUDA: num_splits must be in [1, 128]");
+  if (p.num_heads_kv > kMaxGridYZ)
+    return Status::Unimplemented("jax_flash CUDA: num_heads_kv must be at most 65535");
+  if (p.batch == 0 || p.num_heads == 0 || p.seqlen_q == 0) return Status::Ok();
+  Architecture architecture;
+  LaunchOptions options;
+  if (Status s = launch_options(p, /*backward=*/false, &architecture, &options); !s.ok()) return s;
+  auto launch = [&](auto element) {
+    using Element = decltype(element);
+    return with_head_dim_class(d, [&](auto head_dim_class) {
+      return launch_kvcache_sm80<decltype(head_dim_class)::value, Element>(p, workspace, options,
+                                                                           stream);
+    });
+  };
+  switch (architecture) {
+    case Architecture::kSm80:
+      if (p.element_type == ElementType::kFloat16) return launch(__half{});
+      return launch(__nv_bfloat16{});
   }
   return Status::Unimplemented("jax_flash CUDA: no kernels for this GPU");
 }

@@ -30,4 +30,21 @@ BackwardWorkspace backward_workspace(void* base, const AttentionParams& p);
 Status flash_backward(const AttentionParams& p, const BackwardWorkspace& workspace,
                       cudaStream_t stream);
 
+// Split-KV scratch of a KV-cache call: each split's normalized rows and their lse, merged
+// by a second kernel. Empty (and unused) when p.num_splits == 1.
+struct KvCacheWorkspace {
+  float* out_accum = nullptr;  // (num_splits, batch, num_heads, seqlen_q, head_dim)
+  float* lse_accum = nullptr;  // (num_splits, batch, num_heads, seqlen_q), natural log
+  int num_splits = 1;
+};
+
+// Bytes of the single allocation that kvcache_workspace() splits (p.num_splits >= 1).
+size_t kvcache_workspace_bytes(const AttentionParams& p);
+KvCacheWorkspace kvcache_workspace(void* base, const AttentionParams& p);
+
+// Writes p.out and p.lse from p.q and the caches p.k, p.v read in place (common/kv_cache.h),
+// split over p.num_splits slices of the keys.
+Status flash_kvcache_forward(const AttentionParams& p, const KvCacheWorkspace& workspace,
+                             cudaStream_t stream);
+
 }  // namespace jax_flash::cuda

@@ -50,6 +50,11 @@ template <int kHeadDimClass, typename Element>
 Status launch_backward_dq_sm80(const AttentionParams& p, const BackwardWorkspace& workspace,
                                const LaunchOptions& options, cudaStream_t stream);
 
+// Attention over a KV cache, split-KV combine included.
+template <int kHeadDimClass, typename Element>
+Status launch_kvcache_sm80(const AttentionParams& p, const KvCacheWorkspace& workspace,
+                           const LaunchOptions& options, cudaStream_t stream);
+
 // Backward pre- and post-processing (head-dim independent), in backward_aux.cu.
 // `vectorized`: head_dim % 8 == 0 and the rows they read and write start 16-byte aligned.
 template <typename Element>

@@ -89,6 +89,40 @@ __device__ __forceinline__ void load_tile(Element* smem, const Element* gmem, in
   }
 }
 
+// load_tile for rows without a fixed stride (gathered query heads, cache pages):
+// row_address(row) is the global start of tile row `row`, or nullptr for a row to fill with
+// zeros (never read). `any_row` is a valid global address for the copies that read nothing.
+template <class Tile, int kThreads, typename Element, class RowAddress>
+__device__ __forceinline__ void load_tile_rows(Element* smem, RowAddress&& row_address,
+                                               const Element* any_row, int valid_cols,
+                                               bool vectorized, int thread) {
+  static_assert(kThreads % Tile::kChunksPerRow == 0, "threads cover whole rows");
+  constexpr int kRowStep = kThreads / Tile::kChunksPerRow;  // may exceed the tile's rows
+  const int first_row = thread / Tile::kChunksPerRow;
+  const int col = (thread % Tile::kChunksPerRow) * 8;
+#pragma unroll
+  for (int row = first_row; row < Tile::kRows; row += kRowStep) {
+    const Element* src = row_address(row);
+    if (vectorized) {
+      const bool inside = src != nullptr && col < valid_cols;
+      cp_async_16(shared_address(smem + Tile::offset(row, col)), inside ? src + col : any_row,
+                  inside ? 16 : 0);
+    } else {
+      const uint16_t* row_src = reinterpret_cast<const uint16_t*>(src);
+      uint16_t values[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        values[e] = (src != nullptr && col + e < valid_cols) ? row_src[col + e] : uint16_t{0};
+      uint4 packed;
+      packed.x = values[0] | (uint32_t{values[1]} << 16);
+      packed.y = values[2] | (uint32_t{values[3]} << 16);
+      packed.z = values[4] | (uint32_t{values[5]} << 16);
+      packed.w = values[6] | (uint32_t{values[7]} << 16);
+      *reinterpret_cast<uint4*>(smem + Tile::offset(row, col)) = packed;
+    }
+  }
+}
+
 // Copies kCount 4-byte values (per-row statistics such as lse, segment ids) into shared
 // memory; entries at i >= valid are zero. kCount must not exceed kThreads.
 template <int kCount, int kThreads, typename T>

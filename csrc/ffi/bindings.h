@@ -60,10 +60,10 @@ auto bind_attributes(Binding binding) {
 
 namespace jax_flash::ffi_glue {
 
-// q, k_cache, v_cache, alibi_slopes, seqlens_k, kv_batch_idx, block_table -> out, lse;
-// then the KvCacheAttributes.
+// q, k_cache, v_cache, alibi_slopes, seqlens_k, kv_batch_idx, block_table -> out, lse (the
+// CUDA handler adds its split-KV workspace result, then both bind the KvCacheAttributes).
 template <typename Binding>
-auto bind_kvcache_forward(Binding binding) {
+auto bind_kvcache_operands(Binding binding) {
   return std::move(binding).template Arg<ffi::AnyBuffer>()         // q
       .template Arg<ffi::AnyBuffer>()                   // k_cache
       .template Arg<ffi::AnyBuffer>()                   // v_cache
@@ -72,8 +72,12 @@ auto bind_kvcache_forward(Binding binding) {
       .template Arg<ffi::Buffer<ffi::S32>>()            // kv_batch_idx
       .template Arg<ffi::Buffer<ffi::S32>>()            // block_table
       .template Ret<ffi::AnyBuffer>()                   // out
-      .template Ret<ffi::Buffer<ffi::F32>>()            // lse
-      .template Attrs<KvCacheAttributes>();
+      .template Ret<ffi::Buffer<ffi::F32>>();           // lse
+}
+
+template <typename Binding>
+auto bind_kvcache_attributes(Binding binding) {
+  return std::move(binding).template Attrs<KvCacheAttributes>();
 }
 
 }  // namespace jax_flash::ffi_glue

@@ -126,5 +126,6 @@ ffi::Error kvcache_forward_cpu(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyB
 }  // namespace jax_flash::ffi_glue
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashKvCacheForwardCpu, jax_flash::ffi_glue::kvcache_forward_cpu,
-                              jax_flash::ffi_glue::bind_kvcache_forward(
-                                  ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+                              jax_flash::ffi_glue::bind_kvcache_attributes(
+                                  jax_flash::ffi_glue::bind_kvcache_operands(
+                                      ffi::Ffi::Bind().Ctx<ffi::ThreadPool>())));

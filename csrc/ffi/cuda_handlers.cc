@@ -97,13 +97,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashBackwardCuda, jax_flash::ffi_glue::backwar
 namespace jax_flash::ffi_glue {
 namespace {
 
-// The params are decoded (and checked) exactly as on the CPU, so the CUDA kernel only has to
-// replace the error below with its launch: cuda::flash_kvcache_forward(p, stream), say.
+// The params are decoded (and checked) exactly as on the CPU. The split-KV workspace is an
+// extra result that XLA allocates, sized by the Python layer for the split count it chose.
 ffi::Error kvcache_forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                                 ffi::AnyBuffer v_cache, ffi::Buffer<ffi::F32> alibi_slopes,
                                 ffi::Buffer<ffi::S32> seqlens_k, ffi::Buffer<ffi::S32> kv_batch_idx,
                                 ffi::Buffer<ffi::S32> block_table, ffi::Result<ffi::AnyBuffer> out,
                                 ffi::Result<ffi::Buffer<ffi::F32>> lse,
+                                ffi::Result<ffi::Buffer<ffi::U8>> workspace_buffer,
                                 const KvCacheAttributes& attrs) {
   AttentionParams p;
   if (auto e = decode_kvcache_forward(
@@ -111,10 +112,12 @@ ffi::Error kvcache_forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyB
           *lse, &p);
       e.failure())
     return e;
-  (void)stream;
-  return ffi::Error(ffi::ErrorCode::kUnimplemented,
-                    "jax_flash: flash_attn_with_kvcache is not implemented on CUDA yet (the CPU "
-                    "kernels run it: place the arrays on a CPU device)");
+  if (p.num_splits < 1) return invalid("the CUDA KV-cache call needs a resolved num_splits >= 1");
+  if (workspace_buffer->size_bytes() < cuda::kvcache_workspace_bytes(p))
+    return invalid("the KV-cache workspace is smaller than its split count needs");
+  if (auto e = poison_if_requested(stream, *out, *lse); e.failure()) return e;
+  return to_ffi_error(cuda::flash_kvcache_forward(
+      p, cuda::kvcache_workspace(workspace_buffer->untyped_data(), p), stream));
 }
 
 }  // namespace
@@ -122,5 +125,7 @@ ffi::Error kvcache_forward_cuda(cudaStream_t stream, ffi::AnyBuffer q, ffi::AnyB
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxFlashKvCacheForwardCuda,
                               jax_flash::ffi_glue::kvcache_forward_cuda,
-                              jax_flash::ffi_glue::bind_kvcache_forward(
-                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>()));
+                              jax_flash::ffi_glue::bind_kvcache_attributes(
+                                  jax_flash::ffi_glue::bind_kvcache_operands(
+                                      ffi::Ffi::Bind().Ctx<ffi::PlatformStream<cudaStream_t>>())
+                                      .template Ret<ffi::Buffer<ffi::U8>>()));

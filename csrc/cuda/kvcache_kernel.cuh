@@ -1,0 +1,342 @@
+// Attention over a KV cache (flash_attn_with_kvcache) for sm80+: the forward's online
+// softmax, reading the cache in place through common/kv_cache.h (contiguous rows or pages,
+// per-row lengths, the one out-of-range rule), with two choices that suit decoding:
+//
+//   - The query heads that share a KV head are rows of one tile (row r is query r / group,
+//     head head_kv * group + r % group), so each K/V tile is read once per group: GQA
+//     decoding reads the cache once, not once per query head.
+//   - Split-KV: when batch x KV heads x row blocks cannot fill the GPU, CTAs take slices of
+//     the keys (num_splits of them) and write partial outputs with their lse, which
+//     kvcache_combine merges. Within a CTA, the decode shape (16 rows) gives each warp its
+//     own quarter of every key block, and the warps' partial results meet in shared memory
+//     at the end; the prefill shape (64 rows) gives each warp 16 rows of every key.
+//
+// The cache is bandwidth-bound: K and V stream through a three-stage cp.async pipeline
+// (two for head dim 256), two CTAs per SM. Masks, softcap and ALiBi are applied per element
+// on every tile (a decoding step has few rows; the cost is hidden behind the loads).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/attention_params.h"
+#include "common/kv_cache.h"
+#include "cuda/element.cuh"
+#include "cuda/flash_api.h"
+#include "cuda/ptx.cuh"
+#include "cuda/scores.cuh"
+#include "cuda/smem_tile.cuh"
+#include "cuda/warp_mma.cuh"
+
+namespace jax_flash::cuda {
+
+template <int kHeadDim_, int kWarpsAlongKeys_>
+struct KvCacheTiles {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kWarps = 4;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kWarpsAlongKeys = kWarpsAlongKeys_;  // 4: decode, 1: prefill
+  static constexpr int kBlockM = 16 * kWarps / kWarpsAlongKeys;  // rows per CTA
+  static constexpr int kBlockN = 64;                             // keys per pipeline stage
+  static constexpr int kKeysPerWarp = kBlockN / kWarpsAlongKeys;
+  static constexpr int kNTiles = kKeysPerWarp / 8;
+  static constexpr int kDTiles = kHeadDim / 8;
+  static constexpr int kStages = kHeadDim >= 256 ? 2 : 3;
+  using QTile = SwizzledTile<kBlockM, kHeadDim>;
+  using KVTile = SwizzledTile<kBlockN, kHeadDim>;
+  // Q, then per stage K and V, then a ring of kStages + 1 blocks' key offsets (computed a
+  // step before their copies are issued). At the end the stages' space holds every warp's
+  // row max, row sum and unnormalized output rows (float32).
+  static constexpr int kStageBytes = 2 * KVTile::kBytes;
+  static constexpr int kOffsetSlots = kStages + 1;
+  static constexpr int kCombineBytes = kWarps * 16 * (kHeadDim + 2) * 4;
+  static_assert(kCombineBytes <= kStages * kStageBytes, "the combine reuses the pipeline");
+  static constexpr int kSmemBytes =
+      QTile::kBytes + kStages * kStageBytes + kOffsetSlots * kBlockN * 8;
+  static_assert(kNTiles % 2 == 0, "whole 16-key steps per warp");
+};
+
+template <int kHeadDimClass> struct KvCacheDecodeConfig : KvCacheTiles<kHeadDimClass, 4> {};
+template <int kHeadDimClass> struct KvCachePrefillConfig : KvCacheTiles<kHeadDimClass, 1> {};
+
+template <class Config, typename Element>
+__global__ void __launch_bounds__(Config::kThreads, 2)
+    kvcache_kernel_sm80(const __grid_constant__ AttentionParams p,
+                        const __grid_constant__ KvCacheWorkspace workspace, const bool vectorized) {
+  using QTile = typename Config::QTile;
+  using KVTile = typename Config::KVTile;
+  constexpr int kBlockM = Config::kBlockM, kBlockN = Config::kBlockN;
+  constexpr int kNTiles = Config::kNTiles, kDTiles = Config::kDTiles, kStages = Config::kStages;
+  constexpr int kHeadDim = Config::kHeadDim;
+  constexpr bool kBF16 = ElementTraits<Element>::kIsBFloat16;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  Element* q_smem = reinterpret_cast<Element*>(smem);
+  unsigned char* stages = smem + QTile::kBytes;
+  auto k_smem = [&](int s) { return reinterpret_cast<Element*>(stages + s * Config::kStageBytes); };
+  auto v_smem = [&](int s) { return k_smem(s) + KVTile::kElements; };
+  int64_t* offsets_smem = reinterpret_cast<int64_t*>(stages + kStages * Config::kStageBytes);
+
+  const int thread = threadIdx.x, lane = thread & 31, warp = thread >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int num_splits = workspace.num_splits;
+  const int split = blockIdx.x % num_splits, m_block = blockIdx.x / num_splits;
+  const int head_kv = blockIdx.y, batch = blockIdx.z;
+  const int group = static_cast<int>(p.num_heads / p.num_heads_kv);
+  const int seqlen_q = static_cast<int>(p.seqlen_q), head_dim = static_cast<int>(p.head_dim);
+  const int rows = seqlen_q * group;
+  const int row0 = m_block * kBlockM;
+  const int valid_rows = min(kBlockM, rows - row0);
+
+  // Keys of this batch row and the span this CTA's queries can see.
+  const int seqlen_k = static_cast<int>(kv_cache_seqlen_k(p, batch));
+  const int diagonal_offset = seqlen_k - seqlen_q;
+  const int first_query = row0 / group, last_query = (row0 + valid_rows - 1) / group;
+  int key_begin = 0, key_end = seqlen_k;  // (window sides can be any int64)
+  if (p.window_left >= 0)
+    key_begin = static_cast<int>(max(int64_t{0}, first_query + diagonal_offset - p.window_left));
+  if (p.window_right >= 0)
+    key_end = static_cast<int>(
+        min(int64_t{seqlen_k}, last_query + diagonal_offset + p.window_right + 1));
+  const int num_blocks = key_end > key_begin ? (key_end - key_begin + kBlockN - 1) / kBlockN : 0;
+  const int blocks_per_split = (num_blocks + num_splits - 1) / num_splits;
+  const int block_begin = min(num_blocks, split * blocks_per_split);
+  const int block_end = min(num_blocks, block_begin + blocks_per_split);
+
+  // Query rows, gathered from their (query, head) places.
+  const Element* q = static_cast<const Element*>(p.q) + batch * p.q_strides.batch;
+  auto q_row = [&](int r) -> const Element* {
+    if (r >= valid_rows) return nullptr;
+    const int row = row0 + r;
+    return q + (row / group) * p.q_strides.row + (head_kv * group + row % group) * p.q_strides.head;
+  };
+  load_tile_rows<QTile, Config::kThreads>(q_smem, q_row, q, head_dim, vectorized, thread);
+
+  // Where each key of a block lives (one thread per key, one page lookup each; the
+  // dispatcher checks that K and V share strides), or -1: past the row's length or on an
+  // unreadable page, which also masks the key (a zero row alone would still take
+  // exp(0 - max) of the probability mass).
+  auto offsets = [&](int block) {
+    return offsets_smem + ((block - block_begin) % Config::kOffsetSlots) * kBlockN;
+  };
+  auto find_keys = [&](int block) {
+    if (thread < kBlockN && block < block_end)
+      offsets(block)[thread] =
+          kv_cache_offset(p, p.k_strides, batch, key_begin + block * kBlockN + thread, head_kv);
+  };
+  const Element* k_cache = static_cast<const Element*>(p.k);
+  const Element* v_cache = static_cast<const Element*>(p.v);
+  auto load_block = [&](int block) {
+    const int s = (block - block_begin) % kStages;
+    const int64_t* key_offsets = offsets(block);
+    auto row_in = [&](const Element* cache) {
+      return [=](int r) -> const Element* {
+        const int64_t offset = key_offsets[r];
+        return offset < 0 ? nullptr : cache + offset;
+      };
+    };
+    load_tile_rows<KVTile, Config::kThreads>(k_smem(s), row_in(k_cache), k_cache, head_dim,
+                                             vectorized, thread);
+    load_tile_rows<KVTile, Config::kThreads>(v_smem(s), row_in(v_cache), v_cache, head_dim,
+                                             vectorized, thread);
+  };
+
+  // Prologue: offsets of the first kStages blocks, then kStages - 1 blocks in flight
+  // (empty groups keep the count of committed groups fixed).
+#pragma unroll
+  for (int s = 0; s < kStages; ++s) find_keys(block_begin + s);
+  __syncthreads();
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (block_begin + s < block_end) load_block(block_begin + s);
+    cp_async_commit();
+  }
+
+  const int warp_row0 = (warp / Config::kWarpsAlongKeys) * 16;
+  const int warp_key0 = (warp % Config::kWarpsAlongKeys) * Config::kKeysPerWarp;
+  const float scale = p.softmax_scale;
+  const float softcap = p.softcap > 0.0f ? p.softcap : 0.0f;
+  // Per-lane rows g and g + 8 of the warp's 16: their query, head and ALiBi slope.
+  int row_query[2];
+  float row_slope[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int row = row0 + warp_row0 + g + 8 * h;
+    row_query[h] = row / group;
+    const int head = head_kv * group + row % group;
+    row_slope[h] = p.alibi_slopes != nullptr && row < rows
+                       ? p.alibi_slopes[batch * p.num_heads + head] : 0.0f;
+  }
+
+  float acc_o[1][kDTiles][4];
+  zero(acc_o);
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // log2 units
+  const uint32_t q_base = shared_address(q_smem);
+
+  for (int block = block_begin; block < block_end; ++block) {
+    const int s = (block - block_begin) % kStages;
+    cp_async_wait<kStages - 2>();
+    // This block landed; every warp is done with the previous block's stage and offsets,
+    // which the next copy and the next lookup reuse.
+    __syncthreads();
+    if (block + kStages - 1 < block_end) load_block(block + kStages - 1);
+    cp_async_commit();
+    find_keys(block + kStages);
+    const int key0 = key_begin + block * kBlockN + warp_key0;
+
+    float acc_s[1][kNTiles][4];
+    zero(acc_s);
+    warp_gemm<1, kNTiles, kHeadDim, QTile, KOrder::kContiguous, KVTile, KOrder::kContiguous,
+              kBF16>(acc_s, q_base, warp_row0, shared_address(k_smem(s)), warp_key0, lane);
+
+    // Scores in log2 units, masked per element.
+    const int64_t* key_offsets = offsets(block) + warp_key0;
+#pragma unroll
+    for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int h = c >> 1, key_in_warp = 8 * j + 2 * t + (c & 1), key = key0 + key_in_warp;
+        float score = acc_s[0][j][c] * scale;
+        if (softcap > 0.0f) score = softcap * tanhf(acc_s[0][j][c] * (scale / softcap));
+        const int diagonal = row_query[h] + diagonal_offset;
+        score -= row_slope[h] * static_cast<float>(abs(diagonal - key));
+        const bool visible = key_offsets[key_in_warp] >= 0 &&
+                             (p.window_left < 0 || key >= diagonal - p.window_left) &&
+                             (p.window_right < 0 || key <= diagonal + p.window_right);
+        acc_s[0][j][c] = visible ? score * kLog2e : -INFINITY;
+      }
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float block_max = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j)
+        block_max = fmaxf(block_max, fmaxf(acc_s[0][j][2 * h], acc_s[0][j][2 * h + 1]));
+      block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
+      block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
+      const float new_max = fmaxf(row_max[h], block_max);
+      const float reference = new_max == -INFINITY ? 0.0f : new_max;
+      const float correction = fast_exp2(row_max[h] - reference);
+      row_max[h] = new_max;
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+        for (int c = 2 * h; c < 2 * h + 2; ++c) {
+          acc_s[0][j][c] = fast_exp2(acc_s[0][j][c] - reference);
+          sum += acc_s[0][j][c];
+        }
+      row_sum[h] = row_sum[h] * correction + sum;
+#pragma unroll
+      for (int j = 0; j < kDTiles; ++j) {
+        acc_o[0][j][2 * h] *= correction;
+        acc_o[0][j][2 * h + 1] *= correction;
+      }
+    }
+    // O += P V over this warp's keys (16-row steps of the swizzle keep the offset exact).
+    warp_gemm_a_registers<1, kDTiles, Config::kKeysPerWarp, Element, KVTile, KOrder::kStrided>(
+        acc_o, acc_s, shared_address(v_smem(s)) + 2 * warp_key0 * KVTile::kCols, 0, lane);
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline's shared memory becomes the combine's
+
+  // Every warp leaves its rows' max, sum and unnormalized output in shared memory.
+  float* combine = reinterpret_cast<float*>(stages);
+  constexpr int kRowFloats = kHeadDim + 2;
+  float* mine = combine + warp * 16 * kRowFloats;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    float sum = row_sum[h];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    float* row = mine + (g + 8 * h) * kRowFloats;
+    if (t == 0) {
+      row[kHeadDim] = row_max[h];
+      row[kHeadDim + 1] = sum;
+    }
+#pragma unroll
+    for (int j = 0; j < kDTiles; ++j) {
+      row[8 * j + 2 * t] = acc_o[0][j][2 * h];
+      row[8 * j + 2 * t + 1] = acc_o[0][j][2 * h + 1];
+    }
+  }
+  __syncthreads();
+
+  // Each row merges the partial results of the warps that hold it (one, or all four).
+  Element* out = static_cast<Element*>(p.out) + batch * p.out_strides.batch;
+  for (int i = thread; i < kBlockM * head_dim; i += Config::kThreads) {
+    const int r = i / head_dim, col = i % head_dim;
+    if (r >= valid_rows) continue;
+    const int warp_rows = r / 16, r16 = r % 16;
+    float max_all = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < Config::kWarpsAlongKeys; ++w) {
+      const float* row = combine + ((warp_rows * Config::kWarpsAlongKeys + w) * 16 + r16) * kRowFloats;
+      max_all = fmaxf(max_all, row[kHeadDim]);
+    }
+    const float reference = max_all == -INFINITY ? 0.0f : max_all;
+    float sum = 0.0f, value = 0.0f;
+#pragma unroll
+    for (int w = 0; w < Config::kWarpsAlongKeys; ++w) {
+      const float* row = combine + ((warp_rows * Config::kWarpsAlongKeys + w) * 16 + r16) * kRowFloats;
+      const float weight = fast_exp2(row[kHeadDim] - reference);
+      sum += row[kHeadDim + 1] * weight;
+      value += row[col] * weight;
+    }
+    const bool empty = !(sum > 0.0f);
+    const float normalized = empty ? 0.0f : value / sum;
+    // lse in natural log; a row that saw no key: +inf (final) or -inf (a split's share,
+    // which then weighs nothing in the combine).
+    const float lse = empty ? INFINITY : (reference + log2f(sum)) * kLn2;
+    const int row = row0 + r, query = row / group, head = head_kv * group + row % group;
+    const int64_t lse_index = (batch * p.num_heads + head) * p.seqlen_q + query;
+    if (num_splits == 1) {
+      out[query * p.out_strides.row + head * p.out_strides.head + col] =
+          ElementTraits<Element>::from_float(normalized);
+      if (col == 0) p.lse[lse_index] = lse;
+    } else {
+      const int64_t partial = split * p.batch * p.num_heads * p.seqlen_q + lse_index;
+      workspace.out_accum[partial * head_dim + col] = normalized;
+      if (col == 0) workspace.lse_accum[partial] = empty ? -INFINITY : lse;
+    }
+  }
+}
+
+// Merges the splits' partial rows: out = sum_s exp(lse_s - lse) out_s, lse = log sum_s
+// exp(lse_s). One warp per (batch, head, query) row.
+template <typename Element>
+__global__ void __launch_bounds__(128)
+    kvcache_combine_kernel(const __grid_constant__ AttentionParams p,
+                           const __grid_constant__ KvCacheWorkspace workspace) {
+  const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const int num_splits = workspace.num_splits, head_dim = static_cast<int>(p.head_dim);
+  float max_lse = -INFINITY;
+  for (int s = 0; s < num_splits; ++s) max_lse = fmaxf(max_lse, workspace.lse_accum[s * rows + row]);
+  const int64_t query = row % p.seqlen_q, bh = row / p.seqlen_q;
+  const int64_t batch = bh / p.num_heads, head = bh % p.num_heads;
+  Element* out = static_cast<Element*>(p.out) + batch * p.out_strides.batch +
+                 query * p.out_strides.row + head * p.out_strides.head;
+  if (max_lse == -INFINITY) {  // no split saw a key
+    for (int col = lane; col < head_dim; col += 32) out[col] = ElementTraits<Element>::from_float(0.0f);
+    if (lane == 0) p.lse[row] = INFINITY;
+    return;
+  }
+  float total = 0.0f;
+  for (int s = 0; s < num_splits; ++s) total += expf(workspace.lse_accum[s * rows + row] - max_lse);
+  for (int col = lane; col < head_dim; col += 32) {
+    float value = 0.0f;
+    for (int s = 0; s < num_splits; ++s) {
+      const float weight = expf(workspace.lse_accum[s * rows + row] - max_lse);
+      value += weight * workspace.out_accum[(s * rows + row) * head_dim + col];
+    }
+    out[col] = ElementTraits<Element>::from_float(value / total);
+  }
+  if (lane == 0) p.lse[row] = max_lse + logf(total);
+}
+
+}  // namespace jax_flash::cuda
