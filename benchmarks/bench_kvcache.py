@@ -40,7 +40,7 @@ def paged(cache, page_size, seed):
     return pool[order], table
 
 
-def decode_rows(batch, seqlen, page_sizes):
+def decode_rows(batch, seqlen, page_sizes, only=None):
     keys = jax.random.split(jax.random.key(batch * 7 + seqlen), 3)
     q = jax.random.normal(keys[0], (batch, 1, HEADS, HEAD_DIM), jnp.bfloat16)
     k_cache, v_cache = (jax.random.normal(key, (batch, seqlen, HEADS_KV, HEAD_DIM), jnp.bfloat16)
@@ -63,6 +63,8 @@ def decode_rows(batch, seqlen, page_sizes):
             (q, k_pages, v_pages, lengths, table))
     rows, cells = [], [f"decode {batch:3d} x {seqlen:6d}"]
     for name, (fn, args) in impls.items():
+        if only and name not in only:
+            continue
         try:
             seconds = time_call(jax.jit(fn), args)
         except Exception as error:  # unsupported configuration, out of memory
@@ -102,13 +104,16 @@ def prefill_rows(seqlen_q=512, seqlen=16384):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--page-sizes", type=int, nargs="+", default=[256, 16])
+    parser.add_argument("--impls", nargs="+", default=None, help="decode rows: only these")
+    parser.add_argument("--no-prefill", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     rows = []
     for batch, seqlen in DECODE_SHAPES:
-        rows += decode_rows(batch, seqlen, args.page_sizes)
-    rows += prefill_rows()
+        rows += decode_rows(batch, seqlen, args.page_sizes, args.impls)
+    if not args.no_prefill:
+        rows += prefill_rows()
     save_rows(args.json, rows)
 
 

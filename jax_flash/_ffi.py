@@ -138,8 +138,8 @@ def kvcache_forward(config, q, k_cache, v_cache, alibi_slopes, seqlens_k, kv_bat
         # result (each split's float32 rows and lse), which XLA allocates like any buffer.
         capacity = block_table.shape[1] * k_cache.shape[1] if config.has_block_table else k_cache.shape[1]
         splits = config.num_splits or kvcache_num_splits(
-            batch, k_cache.shape[2], seqlen_q * (num_heads // k_cache.shape[2]), capacity,
-            _gpu_sm_count())
+            batch, k_cache.shape[2], seqlen_q * (num_heads // k_cache.shape[2]), q.shape[3],
+            capacity, _gpu_sm_count())
         attributes = dict(config.attributes(), num_splits=np.int64(splits))
         workspace = jax.ShapeDtypeStruct((_kvcache_workspace_bytes(q, splits),), jnp.uint8)
         call = jax.ffi.ffi_call(KVCACHE_FORWARD_TARGET, result_shapes + (workspace,),
@@ -152,14 +152,18 @@ def kvcache_forward(config, q, k_cache, v_cache, alibi_slopes, seqlens_k, kv_bat
 MAX_KVCACHE_SPLITS = 128  # csrc/cuda/dispatch.cu checks the same
 
 
-def kvcache_num_splits(batch, num_heads_kv, rows, capacity, sm_count):
+def kvcache_num_splits(batch, num_heads_kv, rows, head_dim, capacity, sm_count):
     """How many slices of the keys the CUDA kernel splits each (batch row, KV head, row
-    block) into: enough CTAs for two per SM when the call alone would leave SMs idle (decoding
+    block) into: enough CTAs to fill every SM when the call alone would leave SMs idle (decoding
     a few long sequences), none when it fills the GPU, and at least 4 key blocks (256 keys)
-    per slice. Mirrors the kernel's tile shapes: 16 rows per CTA up to 16, else 64."""
-    row_blocks = -(-rows // (16 if rows <= 16 else 64))
+    per slice. Mirrors the kernel's tile shapes (csrc/cuda/kvcache_kernel.cuh): 16 rows per
+    CTA up to 16 rows, else 128 (64 above head dim 128)."""
+    decode = rows <= 16
+    rows_per_cta = 16 if decode else (64 if head_dim > 128 else 128)
+    row_blocks = -(-rows // rows_per_cta)
     ctas = batch * num_heads_kv * row_blocks
-    slots = 2 * sm_count
+    # CTAs that fit an SM (shared memory): decode 3, prefill 2, either 1 above head dim 128.
+    slots = (1 if head_dim > 128 else 3 if decode else 2) * sm_count
     if ctas == 0 or ctas >= 0.8 * slots:
         return 1
     key_blocks = -(-capacity // 64)

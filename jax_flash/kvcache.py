@@ -198,6 +198,10 @@ def check_cache_seqlens(cache_seqlens, layout, seqlen_new):
     dtype = jnp.dtype(cache_seqlens.dtype)
     if not jnp.issubdtype(dtype, jnp.integer):
         raise TypeError(f"cache_seqlens must hold integers (int32), got {dtype}")
+    if seqlen_new == 0 and dtype == jnp.int32 and shape == (batch,):
+        # Read-only: the kernels clamp lengths into [0, capacity] themselves
+        # (common/kv_cache.h), so int32 lengths go in as they are, with no op before the call.
+        return cache_seqlens
     lengths = jnp.broadcast_to(_as_int32(cache_seqlens), (batch,))
     return jnp.clip(lengths, -seqlen_new, MAX_CACHE_SEQLEN)
 
@@ -416,12 +420,15 @@ def flash_attn_with_kvcache(
         k_cache = append_to_cache(k_cache, k, layout, seqlens, batch_idx, table)
         v_cache = append_to_cache(v_cache, v, layout, seqlens, batch_idx, table)
 
+    # Placeholders cost nothing at run time: an empty slopes array, and the lengths
+    # themselves (reshaped) where kv_batch_idx or block_table is off.
+    seqlens_k = seqlens + seqlen_new if seqlen_new else seqlens
     out, lse = _kernel(
         config, q, k_cache, v_cache,
-        jnp.zeros((layout.batch, layout.num_heads), jnp.float32) if slopes is None else slopes,
-        seqlens + seqlen_new,
-        jnp.zeros((layout.batch,), jnp.int32) if batch_idx is None else batch_idx,
-        jnp.zeros((layout.batch, 1), jnp.int32) if table is None else table,
+        jnp.zeros((0,), jnp.float32) if slopes is None else slopes,
+        seqlens_k,
+        seqlens_k if batch_idx is None else batch_idx,
+        seqlens_k[:, None] if table is None else table,
     )
     results = (out, lse) if return_lse else (out,)
     if appending:

@@ -195,5 +195,5 @@ def test_kernel_rejects_a_bad_direct_call():
     zeros = jnp.zeros((B,), jnp.int32)
     with pytest.raises(Exception, match="multiple of 16"):
         jax.block_until_ready(_ffi.kvcache_forward(
-            config, q, cache, cache, jnp.zeros((B, H), jnp.float32), zeros, zeros,
+            config, q, cache, cache, jnp.zeros((0,), jnp.float32), zeros, zeros,
             jnp.zeros((B, MB), jnp.int32)))

@@ -308,6 +308,10 @@ Status flash_kvcache_forward(const AttentionParams& p, const KvCacheWorkspace& w
     return Status::InvalidArgument("jax_flash CUDA: num_splits must be in [1, 128]");
   if (p.num_heads_kv > kMaxGridYZ)
     return Status::Unimplemented("jax_flash CUDA: num_heads_kv must be at most 65535");
+  if (workspace.num_splits > 1 &&
+      p.batch * p.num_heads * p.seqlen_q > std::numeric_limits<int32_t>::max())
+    return Status::Unimplemented(
+        "jax_flash CUDA: split-KV needs batch * num_heads * seqlen_q below 2^31 (use num_splits=1)");
   if (p.batch == 0 || p.num_heads == 0 || p.seqlen_q == 0) return Status::Ok();
   Architecture architecture;
   LaunchOptions options;

@@ -32,34 +32,53 @@
 
 namespace jax_flash::cuda {
 
-template <int kHeadDim_, int kWarpsAlongKeys_>
+template <int kHeadDim_, int kWarps_, int kWarpsAlongKeys_, int kMTiles_, int kBlockN_,
+          int kStages_>
 struct KvCacheTiles {
   static constexpr int kHeadDim = kHeadDim_;
-  static constexpr int kWarps = 4;
+  static constexpr int kWarps = kWarps_;
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kWarpsAlongKeys = kWarpsAlongKeys_;  // 4: decode, 1: prefill
-  static constexpr int kBlockM = 16 * kWarps / kWarpsAlongKeys;  // rows per CTA
-  static constexpr int kBlockN = 64;                             // keys per pipeline stage
+  static constexpr int kWarpsAlongKeys = kWarpsAlongKeys_;  // warps sharing rows, splitting keys
+  static constexpr int kMTiles = kMTiles_;                  // 16-row mma tiles per warp
+  static constexpr int kWarpRows = 16 * kMTiles;
+  static constexpr int kBlockM = kWarpRows * kWarps / kWarpsAlongKeys;  // rows per CTA
+  static constexpr int kBlockN = kBlockN_;                                // keys per stage
   static constexpr int kKeysPerWarp = kBlockN / kWarpsAlongKeys;
   static constexpr int kNTiles = kKeysPerWarp / 8;
   static constexpr int kDTiles = kHeadDim / 8;
-  static constexpr int kStages = kHeadDim >= 256 ? 2 : 3;
+  static constexpr int kStages = kStages_;
   using QTile = SwizzledTile<kBlockM, kHeadDim>;
   using KVTile = SwizzledTile<kBlockN, kHeadDim>;
   // Q, then per stage K and V, then a ring of kStages + 1 blocks' key offsets (computed a
-  // step before their copies are issued). At the end the stages' space holds every warp's
-  // row max, row sum and unnormalized output rows (float32).
+  // step before their copies are issued) and per slot whether a key is unreadable. At the
+  // end, Q's and the stages' space holds every warp's row max, row sum and unnormalized
+  // output rows (float32).
   static constexpr int kStageBytes = 2 * KVTile::kBytes;
   static constexpr int kOffsetSlots = kStages + 1;
-  static constexpr int kCombineBytes = kWarps * 16 * (kHeadDim + 2) * 4;
-  static_assert(kCombineBytes <= kStages * kStageBytes, "the combine reuses the pipeline");
-  static constexpr int kSmemBytes =
-      QTile::kBytes + kStages * kStageBytes + kOffsetSlots * kBlockN * 8;
+  static constexpr int kCombineBytes = kWarps * kWarpRows * (kHeadDim + 2) * 4;
+  static_assert(kCombineBytes <= QTile::kBytes + kStages * kStageBytes,
+                "the combine reuses the pipeline's shared memory");
+  static constexpr int kSmemBytes = QTile::kBytes + kStages * kStageBytes +
+                                    kOffsetSlots * (kBlockN * 8 + 16);
   static_assert(kNTiles % 2 == 0, "whole 16-key steps per warp");
+  static_assert(kBlockN <= kThreads, "one thread per key finds the keys");
 };
 
-template <int kHeadDimClass> struct KvCacheDecodeConfig : KvCacheTiles<kHeadDimClass, 4> {};
-template <int kHeadDimClass> struct KvCachePrefillConfig : KvCacheTiles<kHeadDimClass, 1> {};
+// Decode (up to 16 rows): the four warps split each 64-key block, double buffered: 70 KB
+// at head dim 128, three CTAs per SM. (Measured on the H100 against three stages, four
+// stages, 128-key blocks and 8-warp CTAs: this was the fastest at every decode shape;
+// benchmarks/RESULTS.md.)
+#ifndef JAX_FLASH_KV_DECODE_TILES  // experiments override: warps, warps along keys, m-tiles, block_n, stages
+#define JAX_FLASH_KV_DECODE_TILES(d) 4, 4, 1, 64, 2
+#endif
+template <int kHeadDimClass>
+struct KvCacheDecodeConfig
+    : KvCacheTiles<kHeadDimClass, JAX_FLASH_KV_DECODE_TILES(kHeadDimClass)> {};
+// Prefill: the forward kernel's shapes, 32 rows per warp (16 at head dim 256, where the
+// output tile fills the registers) over 64-key blocks, double buffered, two CTAs per SM.
+template <int kHeadDimClass>
+struct KvCachePrefillConfig
+    : KvCacheTiles<kHeadDimClass, 4, 1, (kHeadDimClass >= 256 ? 1 : 2), 64, 2> {};
 
 template <class Config, typename Element>
 __global__ void __launch_bounds__(Config::kThreads, 2)
@@ -69,6 +88,7 @@ __global__ void __launch_bounds__(Config::kThreads, 2)
   using KVTile = typename Config::KVTile;
   constexpr int kBlockM = Config::kBlockM, kBlockN = Config::kBlockN;
   constexpr int kNTiles = Config::kNTiles, kDTiles = Config::kDTiles, kStages = Config::kStages;
+  constexpr int kMTiles = Config::kMTiles;
   constexpr int kHeadDim = Config::kHeadDim;
   constexpr bool kBF16 = ElementTraits<Element>::kIsBFloat16;
 
@@ -78,6 +98,8 @@ __global__ void __launch_bounds__(Config::kThreads, 2)
   auto k_smem = [&](int s) { return reinterpret_cast<Element*>(stages + s * Config::kStageBytes); };
   auto v_smem = [&](int s) { return k_smem(s) + KVTile::kElements; };
   int64_t* offsets_smem = reinterpret_cast<int64_t*>(stages + kStages * Config::kStageBytes);
+  // Per offset slot, one word per finding warp: whether some key of the block is unreadable.
+  int* unreadable_smem = reinterpret_cast<int*>(offsets_smem + Config::kOffsetSlots * kBlockN);
 
   const int thread = threadIdx.x, lane = thread & 31, warp = thread >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -122,9 +144,22 @@ __global__ void __launch_bounds__(Config::kThreads, 2)
     return offsets_smem + ((block - block_begin) % Config::kOffsetSlots) * kBlockN;
   };
   auto find_keys = [&](int block) {
-    if (thread < kBlockN && block < block_end)
-      offsets(block)[thread] =
+    if (thread < kBlockN && block < block_end) {
+      const int64_t offset =
           kv_cache_offset(p, p.k_strides, batch, key_begin + block * kBlockN + thread, head_kv);
+      offsets(block)[thread] = offset;
+      const bool any_unreadable = __any_sync(0xffffffffu, offset < 0);
+      if (lane == 0)
+        unreadable_smem[((block - block_begin) % Config::kOffsetSlots) * 4 + warp] = any_unreadable;
+    }
+  };
+  // Whether every key of a block is readable (no per-element test needed for that).
+  auto all_readable = [&](int block) {
+    const int* words = unreadable_smem + ((block - block_begin) % Config::kOffsetSlots) * 4;
+    bool any = false;
+#pragma unroll
+    for (int w = 0; w < (kBlockN + 31) / 32; ++w) any |= words[w] != 0;
+    return !any;
   };
   const Element* k_cache = static_cast<const Element*>(p.k);
   const Element* v_cache = static_cast<const Element*>(p.v);
@@ -154,25 +189,37 @@ __global__ void __launch_bounds__(Config::kThreads, 2)
     cp_async_commit();
   }
 
-  const int warp_row0 = (warp / Config::kWarpsAlongKeys) * 16;
+  const int warp_row0 = (warp / Config::kWarpsAlongKeys) * Config::kWarpRows;
   const int warp_key0 = (warp % Config::kWarpsAlongKeys) * Config::kKeysPerWarp;
   const float scale = p.softmax_scale;
   const float softcap = p.softcap > 0.0f ? p.softcap : 0.0f;
-  // Per-lane rows g and g + 8 of the warp's 16: their query, head and ALiBi slope.
-  int row_query[2];
-  float row_slope[2];
+  // Scores need only the scale (folded into the exponent) unless softcap or ALiBi is on.
+  const bool plain = softcap == 0.0f && p.alibi_slopes == nullptr && scale > 0.0f;
+  const float exp_scale = plain ? scale * kLog2e : kLog2e;
+  // Per-lane rows g and g + 8 of each m-tile: their query, head and ALiBi slope.
+  int row_query[kMTiles][2];
+  float row_slope[kMTiles][2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int row = row0 + warp_row0 + g + 8 * h;
-    row_query[h] = row / group;
-    const int head = head_kv * group + row % group;
-    row_slope[h] = p.alibi_slopes != nullptr && row < rows
-                       ? p.alibi_slopes[batch * p.num_heads + head] : 0.0f;
-  }
+  for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + warp_row0 + 16 * i + g + 8 * h;
+      row_query[i][h] = row / group;
+      const int head = head_kv * group + row % group;
+      row_slope[i][h] = p.alibi_slopes != nullptr && row < rows
+                            ? p.alibi_slopes[batch * p.num_heads + head] : 0.0f;
+    }
+  // The diagonals of the warp's first and last rows bound the window tests below.
+  const int warp_first_query = (row0 + warp_row0) / group;
+  const int warp_last_query = (row0 + min(valid_rows, warp_row0 + Config::kWarpRows) - 1) / group;
 
-  float acc_o[1][kDTiles][4];
+  float acc_o[kMTiles][kDTiles][4];
   zero(acc_o);
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};  // log2 units
+  float row_max[kMTiles][2], row_sum[kMTiles][2];  // score units, see exp_scale
+#pragma unroll
+  for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row_max[i][h] = -INFINITY, row_sum[i][h] = 0.0f;
   const uint32_t q_base = shared_address(q_smem);
 
   for (int block = block_begin; block < block_end; ++block) {
@@ -186,82 +233,101 @@ __global__ void __launch_bounds__(Config::kThreads, 2)
     find_keys(block + kStages);
     const int key0 = key_begin + block * kBlockN + warp_key0;
 
-    float acc_s[1][kNTiles][4];
+    float acc_s[kMTiles][kNTiles][4];
     zero(acc_s);
-    warp_gemm<1, kNTiles, kHeadDim, QTile, KOrder::kContiguous, KVTile, KOrder::kContiguous,
+    warp_gemm<kMTiles, kNTiles, kHeadDim, QTile, KOrder::kContiguous, KVTile, KOrder::kContiguous,
               kBF16>(acc_s, q_base, warp_row0, shared_address(k_smem(s)), warp_key0, lane);
 
-    // Scores in log2 units, masked per element.
+    // Scores: transformed and masked per element only where the tile needs it (softcap or
+    // ALiBi on, a key past the row's length or unreadable, or a window boundary inside).
     const int64_t* key_offsets = offsets(block) + warp_key0;
+    const int key_last = key0 + Config::kKeysPerWarp - 1;
+    const bool masked =
+        key_last >= seqlen_k || !all_readable(block) ||
+        (p.window_left >= 0 && key0 < warp_last_query + diagonal_offset - p.window_left) ||
+        (p.window_right >= 0 && key_last > warp_first_query + diagonal_offset + p.window_right);
+    if (!plain || masked) {
 #pragma unroll
-    for (int j = 0; j < kNTiles; ++j)
+      for (int i = 0; i < kMTiles; ++i)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int h = c >> 1, key_in_warp = 8 * j + 2 * t + (c & 1), key = key0 + key_in_warp;
-        float score = acc_s[0][j][c] * scale;
-        if (softcap > 0.0f) score = softcap * tanhf(acc_s[0][j][c] * (scale / softcap));
-        const int diagonal = row_query[h] + diagonal_offset;
-        score -= row_slope[h] * static_cast<float>(abs(diagonal - key));
-        const bool visible = key_offsets[key_in_warp] >= 0 &&
-                             (p.window_left < 0 || key >= diagonal - p.window_left) &&
-                             (p.window_right < 0 || key <= diagonal + p.window_right);
-        acc_s[0][j][c] = visible ? score * kLog2e : -INFINITY;
-      }
+        for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int h = c >> 1, key_in_warp = 8 * j + 2 * t + (c & 1), key = key0 + key_in_warp;
+            const int diagonal = row_query[i][h] + diagonal_offset;
+            float score = acc_s[i][j][c];
+            if (!plain) {
+              score *= scale;
+              if (softcap > 0.0f) score = softcap * tanhf(acc_s[i][j][c] * (scale / softcap));
+              score -= row_slope[i][h] * static_cast<float>(abs(diagonal - key));
+            }
+            const bool visible = key_offsets[key_in_warp] >= 0 &&
+                                 (p.window_left < 0 || key >= diagonal - p.window_left) &&
+                                 (p.window_right < 0 || key <= diagonal + p.window_right);
+            acc_s[i][j][c] = visible ? score : -INFINITY;
+          }
+    }
 
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float block_max = -INFINITY;
+    for (int i = 0; i < kMTiles; ++i)
 #pragma unroll
-      for (int j = 0; j < kNTiles; ++j)
-        block_max = fmaxf(block_max, fmaxf(acc_s[0][j][2 * h], acc_s[0][j][2 * h + 1]));
-      block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
-      block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
-      const float new_max = fmaxf(row_max[h], block_max);
-      const float reference = new_max == -INFINITY ? 0.0f : new_max;
-      const float correction = fast_exp2(row_max[h] - reference);
-      row_max[h] = new_max;
-      float sum = 0.0f;
+      for (int h = 0; h < 2; ++h) {
+        float block_max = -INFINITY;
 #pragma unroll
-      for (int j = 0; j < kNTiles; ++j)
+        for (int j = 0; j < kNTiles; ++j)
+          block_max = fmaxf(block_max, fmaxf(acc_s[i][j][2 * h], acc_s[i][j][2 * h + 1]));
+        block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
+        block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
+        const float new_max = fmaxf(row_max[i][h], block_max);
+        const float reference = new_max == -INFINITY ? 0.0f : new_max * exp_scale;
+        const float correction = fast_exp2(row_max[i][h] * exp_scale - reference);
+        row_max[i][h] = new_max;
+        float sum = 0.0f;
 #pragma unroll
-        for (int c = 2 * h; c < 2 * h + 2; ++c) {
-          acc_s[0][j][c] = fast_exp2(acc_s[0][j][c] - reference);
-          sum += acc_s[0][j][c];
+        for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+          for (int c = 2 * h; c < 2 * h + 2; ++c) {
+            acc_s[i][j][c] = fast_exp2(fmaf(acc_s[i][j][c], exp_scale, -reference));
+            sum += acc_s[i][j][c];
+          }
+        row_sum[i][h] = row_sum[i][h] * correction + sum;
+#pragma unroll
+        for (int j = 0; j < kDTiles; ++j) {
+          acc_o[i][j][2 * h] *= correction;
+          acc_o[i][j][2 * h + 1] *= correction;
         }
-      row_sum[h] = row_sum[h] * correction + sum;
-#pragma unroll
-      for (int j = 0; j < kDTiles; ++j) {
-        acc_o[0][j][2 * h] *= correction;
-        acc_o[0][j][2 * h + 1] *= correction;
       }
-    }
     // O += P V over this warp's keys (16-row steps of the swizzle keep the offset exact).
-    warp_gemm_a_registers<1, kDTiles, Config::kKeysPerWarp, Element, KVTile, KOrder::kStrided>(
+    warp_gemm_a_registers<kMTiles, kDTiles, Config::kKeysPerWarp, Element, KVTile,
+                          KOrder::kStrided>(
         acc_o, acc_s, shared_address(v_smem(s)) + 2 * warp_key0 * KVTile::kCols, 0, lane);
   }
   cp_async_wait<0>();
   __syncthreads();  // the pipeline's shared memory becomes the combine's
 
-  // Every warp leaves its rows' max, sum and unnormalized output in shared memory.
-  float* combine = reinterpret_cast<float*>(stages);
+  // Every warp leaves its rows' max (log2 units), sum and unnormalized output in shared
+  // memory (Q's space included: nothing reads Q any more).
+  float* combine = reinterpret_cast<float*>(smem);
   constexpr int kRowFloats = kHeadDim + 2;
-  float* mine = combine + warp * 16 * kRowFloats;
+  float* mine = combine + warp * Config::kWarpRows * kRowFloats;
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float sum = row_sum[h];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    float* row = mine + (g + 8 * h) * kRowFloats;
-    if (t == 0) {
-      row[kHeadDim] = row_max[h];
-      row[kHeadDim + 1] = sum;
-    }
+  for (int i = 0; i < kMTiles; ++i)
 #pragma unroll
-    for (int j = 0; j < kDTiles; ++j) {
-      row[8 * j + 2 * t] = acc_o[0][j][2 * h];
-      row[8 * j + 2 * t + 1] = acc_o[0][j][2 * h + 1];
+    for (int h = 0; h < 2; ++h) {
+      float sum = row_sum[i][h];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      float* row = mine + (16 * i + g + 8 * h) * kRowFloats;
+      if (t == 0) {
+        row[kHeadDim] = row_max[i][h] * exp_scale;
+        row[kHeadDim + 1] = sum;
+      }
+#pragma unroll
+      for (int j = 0; j < kDTiles; ++j) {
+        row[8 * j + 2 * t] = acc_o[i][j][2 * h];
+        row[8 * j + 2 * t + 1] = acc_o[i][j][2 * h + 1];
+      }
     }
-  }
   __syncthreads();
 
   // Each row merges the partial results of the warps that hold it (one, or all four).
@@ -269,18 +335,20 @@ __global__ void __launch_bounds__(Config::kThreads, 2)
   for (int i = thread; i < kBlockM * head_dim; i += Config::kThreads) {
     const int r = i / head_dim, col = i % head_dim;
     if (r >= valid_rows) continue;
-    const int warp_rows = r / 16, r16 = r % 16;
+    // Rows r of warps (r / kWarpRows) * kWarpsAlongKeys + w, w < kWarpsAlongKeys.
+    const int warp_rows = r / Config::kWarpRows, r_in_warp = r % Config::kWarpRows;
+    auto row_of = [&](int w) {
+      return combine + ((warp_rows * Config::kWarpsAlongKeys + w) * Config::kWarpRows + r_in_warp) *
+                           kRowFloats;
+    };
     float max_all = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < Config::kWarpsAlongKeys; ++w) {
-      const float* row = combine + ((warp_rows * Config::kWarpsAlongKeys + w) * 16 + r16) * kRowFloats;
-      max_all = fmaxf(max_all, row[kHeadDim]);
-    }
+    for (int w = 0; w < Config::kWarpsAlongKeys; ++w) max_all = fmaxf(max_all, row_of(w)[kHeadDim]);
     const float reference = max_all == -INFINITY ? 0.0f : max_all;
     float sum = 0.0f, value = 0.0f;
 #pragma unroll
     for (int w = 0; w < Config::kWarpsAlongKeys; ++w) {
-      const float* row = combine + ((warp_rows * Config::kWarpsAlongKeys + w) * 16 + r16) * kRowFloats;
+      const float* row = row_of(w);
       const float weight = fast_exp2(row[kHeadDim] - reference);
       sum += row[kHeadDim + 1] * weight;
       value += row[col] * weight;
@@ -305,38 +373,62 @@ __global__ void __launch_bounds__(Config::kThreads, 2)
 }
 
 // Merges the splits' partial rows: out = sum_s exp(lse_s - lse) out_s, lse = log sum_s
-// exp(lse_s). One warp per (batch, head, query) row.
+// exp(lse_s). One CTA per (batch, head, query) row: warp 0 turns the splits' lse into
+// weights (warp reductions for max and sum), then every thread takes a column or two and
+// reads all splits' values for it, unrolled so that the loads overlap (the call is short,
+// and latency is all it costs).
 template <typename Element>
 __global__ void __launch_bounds__(128)
     kvcache_combine_kernel(const __grid_constant__ AttentionParams p,
                            const __grid_constant__ KvCacheWorkspace workspace) {
+  constexpr int kMaxSplitsPerLane = 4;  // num_splits <= 128
+  __shared__ float weights[32 * kMaxSplitsPerLane];
+  __shared__ float row_lse;
   const int64_t rows = p.batch * p.num_heads * p.seqlen_q;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;
+  const int64_t row = blockIdx.x;
+  const int thread = threadIdx.x, lane = thread & 31;
   const int num_splits = workspace.num_splits, head_dim = static_cast<int>(p.head_dim);
-  float max_lse = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) max_lse = fmaxf(max_lse, workspace.lse_accum[s * rows + row]);
+  if (thread < 32) {
+    float lse[kMaxSplitsPerLane];
+    float max_lse = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kMaxSplitsPerLane; ++i) {
+      const int split = lane + 32 * i;
+      lse[i] = split < num_splits ? workspace.lse_accum[split * rows + row] : -INFINITY;
+      max_lse = fmaxf(max_lse, lse[i]);
+    }
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+      max_lse = fmaxf(max_lse, __shfl_xor_sync(0xffffffffu, max_lse, offset));
+    // No split saw a key: weights 0 (out = 0) and lse = +inf.
+    const float reference = max_lse == -INFINITY ? 0.0f : max_lse;
+    float total = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxSplitsPerLane; ++i) total += expf(lse[i] - reference);  // exp(-inf) = 0
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1)
+      total += __shfl_xor_sync(0xffffffffu, total, offset);
+    const float inv_total = total > 0.0f ? 1.0f / total : 0.0f;
+#pragma unroll
+    for (int i = 0; i < kMaxSplitsPerLane; ++i)
+      weights[lane + 32 * i] = expf(lse[i] - reference) * inv_total;
+    if (lane == 0) row_lse = total > 0.0f ? reference + logf(total) : INFINITY;
+  }
+  __syncthreads();
   const int64_t query = row % p.seqlen_q, bh = row / p.seqlen_q;
   const int64_t batch = bh / p.num_heads, head = bh % p.num_heads;
   Element* out = static_cast<Element*>(p.out) + batch * p.out_strides.batch +
                  query * p.out_strides.row + head * p.out_strides.head;
-  if (max_lse == -INFINITY) {  // no split saw a key
-    for (int col = lane; col < head_dim; col += 32) out[col] = ElementTraits<Element>::from_float(0.0f);
-    if (lane == 0) p.lse[row] = INFINITY;
-    return;
-  }
-  float total = 0.0f;
-  for (int s = 0; s < num_splits; ++s) total += expf(workspace.lse_accum[s * rows + row] - max_lse);
-  for (int col = lane; col < head_dim; col += 32) {
+  const float* partial = workspace.out_accum + row * head_dim;
+  const int64_t split_stride = rows * head_dim;
+  for (int col = thread; col < head_dim; col += 128) {
     float value = 0.0f;
-    for (int s = 0; s < num_splits; ++s) {
-      const float weight = expf(workspace.lse_accum[s * rows + row] - max_lse);
-      value += weight * workspace.out_accum[(s * rows + row) * head_dim + col];
-    }
-    out[col] = ElementTraits<Element>::from_float(value / total);
+#pragma unroll 8
+    for (int split = 0; split < num_splits; ++split)
+      value += weights[split] * partial[split * split_stride + col];
+    out[col] = ElementTraits<Element>::from_float(value);
   }
-  if (lane == 0) p.lse[row] = max_lse + logf(total);
+  if (thread == 0) p.lse[row] = row_lse;
 }
 
 }  // namespace jax_flash::cuda

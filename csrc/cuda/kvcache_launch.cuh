@@ -29,8 +29,7 @@ Status launch_kvcache_config(const AttentionParams& p, const KvCacheWorkspace& w
     return s;
   if (workspace.num_splits == 1) return Status::Ok();
   const int64_t out_rows = p.batch * p.num_heads * p.seqlen_q;
-  kvcache_combine_kernel<Element><<<static_cast<unsigned>((out_rows + 3) / 4), 128, 0, stream>>>(
-      p, workspace);
+  kvcache_combine_kernel<Element><<<static_cast<unsigned>(out_rows), 128, 0, stream>>>(p, workspace);
   return Status::FromCuda(cudaGetLastError(), "launching the KV-cache combine kernel");
 }
 

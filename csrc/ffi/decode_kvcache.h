@@ -71,9 +71,12 @@ inline ffi::Error decode_kvcache_forward(const KvCacheOperands& in, const KvCach
   if (attrs.has_kv_batch_idx && attrs.has_block_table)
     return invalid("cache_batch_idx cannot be combined with a paged cache (block_table)");
 
+  // Without ALiBi the slopes operand is an empty placeholder: a decoding step should not
+  // pay for materializing zeros.
   auto sd = in.alibi_slopes.dimensions();
-  if (sd.size() != 2 || sd[0] != p->batch || sd[1] != p->num_heads)
-    return invalid("alibi_slopes buffer must be (batch, num_heads) float32");
+  if (attrs.has_alibi ? (sd.size() != 2 || sd[0] != p->batch || sd[1] != p->num_heads)
+                      : in.alibi_slopes.element_count() != 0)
+    return invalid("alibi_slopes buffer must be (batch, num_heads) float32 (empty without ALiBi)");
   auto ld = in.seqlens_k.dimensions(), id = in.kv_batch_idx.dimensions();
   if (ld.size() != 1 || ld[0] != p->batch || id.size() != 1 || id[0] != p->batch)
     return invalid("seqlens_k and kv_batch_idx must be (batch,) int32");
