@@ -364,8 +364,8 @@ def flash_attn_with_kvcache(
         the masks and ALiBi aligned bottom-right per row: query i of row b sees key j iff
         j <= i + seqlens_k[b] - seqlen_q (causal), where seqlens_k[b] = cache_seqlens[b] +
         seqlen_new is the number of keys the row holds after the append.
-      num_splits: int >= 0, how many pieces the GPU splits the keys into (0 = a heuristic);
-        accepted and ignored on the CPU.
+      num_splits: int in [0, 128], how many pieces the GPU splits each row's keys into
+        (0 = a heuristic from the SM count); accepted and ignored on the CPU.
       return_lse: also return lse (batch, num_heads, seqlen_q) float32 (natural log; +inf for
         a row that sees no key, whose output is 0).
 
