@@ -20,6 +20,7 @@
 #include "cuda/dropout.cuh"
 #include "cuda/element.cuh"
 #include "cuda/fragments.cuh"
+#include "cuda/online_softmax.cuh"
 #include "cuda/flash_api.h"
 #include "cuda/ptx.cuh"
 #include "cuda/scores.cuh"
@@ -228,38 +229,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
       }
     }
 
-    // Online softmax. A row that has seen only masked keys keeps max = -inf; using 0 as
-    // its reference keeps exp2(-inf - ref) = 0 instead of NaN.
-#pragma unroll
-    for (int i = 0; i < kMTiles; ++i)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float block_max = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < kNTiles; ++j)
-          block_max = fmaxf(block_max, fmaxf(acc_s[i][j][2 * h], acc_s[i][j][2 * h + 1]));
-        block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
-        block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
-        const float new_max = fmaxf(row_max[i][h], block_max);
-        const float reference = new_max == -INFINITY ? 0.0f : new_max * transform.exp_scale;
-        const float correction = fast_exp2(row_max[i][h] * transform.exp_scale - reference);
-        row_max[i][h] = new_max;
-        float sum = 0.0f;
-#pragma unroll
-        for (int j = 0; j < kNTiles; ++j)
-#pragma unroll
-          for (int c = 2 * h; c < 2 * h + 2; ++c) {
-            const float prob = fast_exp2(fmaf(acc_s[i][j][c], transform.exp_scale, -reference));
-            acc_s[i][j][c] = prob;
-            sum += prob;
-          }
-        row_sum[i][h] = row_sum[i][h] * correction + sum;
-#pragma unroll
-        for (int j = 0; j < kDTiles; ++j) {
-          acc_o[i][j][2 * h] *= correction;
-          acc_o[i][j][2 * h + 1] *= correction;
-        }
-      }
+    online_softmax_step(acc_s, acc_o, row_max, row_sum, transform.exp_scale);
 
     // Dropout zeroes probabilities after the row sum took them (lse is the undropped
     // row's); the kept ones are scaled once, at the end.

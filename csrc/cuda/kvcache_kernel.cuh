@@ -25,6 +25,7 @@
 #include "common/kv_cache.h"
 #include "cuda/element.cuh"
 #include "cuda/flash_api.h"
+#include "cuda/online_softmax.cuh"
 #include "cuda/ptx.cuh"
 #include "cuda/scores.cuh"
 #include "cuda/smem_tile.cuh"
@@ -268,35 +269,7 @@ __global__ void __launch_bounds__(Config::kThreads, 2)
           }
     }
 
-#pragma unroll
-    for (int i = 0; i < kMTiles; ++i)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float block_max = -INFINITY;
-#pragma unroll
-        for (int j = 0; j < kNTiles; ++j)
-          block_max = fmaxf(block_max, fmaxf(acc_s[i][j][2 * h], acc_s[i][j][2 * h + 1]));
-        block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
-        block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
-        const float new_max = fmaxf(row_max[i][h], block_max);
-        const float reference = new_max == -INFINITY ? 0.0f : new_max * exp_scale;
-        const float correction = fast_exp2(row_max[i][h] * exp_scale - reference);
-        row_max[i][h] = new_max;
-        float sum = 0.0f;
-#pragma unroll
-        for (int j = 0; j < kNTiles; ++j)
-#pragma unroll
-          for (int c = 2 * h; c < 2 * h + 2; ++c) {
-            acc_s[i][j][c] = fast_exp2(fmaf(acc_s[i][j][c], exp_scale, -reference));
-            sum += acc_s[i][j][c];
-          }
-        row_sum[i][h] = row_sum[i][h] * correction + sum;
-#pragma unroll
-        for (int j = 0; j < kDTiles; ++j) {
-          acc_o[i][j][2 * h] *= correction;
-          acc_o[i][j][2 * h + 1] *= correction;
-        }
-      }
+    online_softmax_step(acc_s, acc_o, row_max, row_sum, exp_scale);
     // O += P V over this warp's keys (16-row steps of the swizzle keep the offset exact).
     warp_gemm_a_registers<kMTiles, kDTiles, Config::kKeysPerWarp, Element, KVTile,
                           KOrder::kStrided>(

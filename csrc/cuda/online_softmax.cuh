@@ -1,0 +1,55 @@
+// The online softmax's step for one block of scores, shared by the forward and KV-cache
+// kernels: per row, the running max takes the block's, the running sum and the output
+// accumulator are rescaled by exp2(old max - new max), and the scores become
+// probabilities exp2(score * exp_scale - max * exp_scale) in place.
+#pragma once
+
+#include <cmath>
+
+#include "cuda/ptx.cuh"
+
+namespace jax_flash::cuda {
+
+// acc_s holds rows g and g + 8 of each m-tile (mma accumulator layout); row_max is in score
+// units, row_sum this lane's partial sum (reduced across the quad only at the end). A row
+// that has seen only masked keys keeps max = -inf; using 0 as its reference keeps
+// exp2(-inf - ref) = 0 instead of NaN.
+template <int kMTiles, int kNTiles, int kDTiles>
+__device__ __forceinline__ void online_softmax_step(float (&acc_s)[kMTiles][kNTiles][4],
+                                                    float (&acc_o)[kMTiles][kDTiles][4],
+                                                    float (&row_max)[kMTiles][2],
+                                                    float (&row_sum)[kMTiles][2],
+                                                    float exp_scale) {
+#pragma unroll
+  for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float block_max = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j)
+        block_max = fmaxf(block_max, fmaxf(acc_s[i][j][2 * h], acc_s[i][j][2 * h + 1]));
+      block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 1));
+      block_max = fmaxf(block_max, __shfl_xor_sync(0xffffffffu, block_max, 2));
+      const float new_max = fmaxf(row_max[i][h], block_max);
+      const float reference = new_max == -INFINITY ? 0.0f : new_max * exp_scale;
+      const float correction = fast_exp2(row_max[i][h] * exp_scale - reference);
+      row_max[i][h] = new_max;
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+        for (int c = 2 * h; c < 2 * h + 2; ++c) {
+          const float prob = fast_exp2(fmaf(acc_s[i][j][c], exp_scale, -reference));
+          acc_s[i][j][c] = prob;
+          sum += prob;
+        }
+      row_sum[i][h] = row_sum[i][h] * correction + sum;
+#pragma unroll
+      for (int j = 0; j < kDTiles; ++j) {
+        acc_o[i][j][2 * h] *= correction;
+        acc_o[i][j][2 * h + 1] *= correction;
+      }
+    }
+}
+
+}  // namespace jax_flash::cuda
