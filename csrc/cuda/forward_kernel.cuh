@@ -264,9 +264,7 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
   for (int i = 0; i < kMTiles; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float sum = row_sum[i][h];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float sum = quad_sum(row_sum[i][h]);
       const bool empty = !(sum > 0.0f);
       const float inv_sum = empty ? 0.0f : (kDropout ? p.dropout_scale : 1.0f) / sum;
 #pragma unroll

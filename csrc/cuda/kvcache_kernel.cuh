@@ -287,9 +287,7 @@ __global__ void __launch_bounds__(Config::kThreads, 2)
   for (int i = 0; i < kMTiles; ++i)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      float sum = row_sum[i][h];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const float sum = quad_sum(row_sum[i][h]);
       float* row = mine + (16 * i + g + 8 * h) * kRowFloats;
       if (t == 0) {
         row[kHeadDim] = row_max[i][h] * exp_scale;

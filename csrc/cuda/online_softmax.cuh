@@ -52,4 +52,10 @@ __device__ __forceinline__ void online_softmax_step(float (&acc_s)[kMTiles][kNTi
     }
 }
 
+// A row's sum from the four lanes of its quad (each holds a partial sum of its columns).
+__device__ __forceinline__ float quad_sum(float partial) {
+  partial += __shfl_xor_sync(0xffffffffu, partial, 1);
+  return partial + __shfl_xor_sync(0xffffffffu, partial, 2);
+}
+
 }  // namespace jax_flash::cuda
