@@ -51,7 +51,7 @@ run_step() {
       ;;
     memcheck)
       # One process per option group (see gpu_memcheck_driver.py).
-      for group in ${MEMCHECK_GROUPS:-masks deterministic dropout kvcache}; do
+      for group in ${MEMCHECK_GROUPS:-masks masks2 deterministic dropout kvcache}; do
         (cd tests && XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$limit" compute-sanitizer --tool memcheck \
           --print-limit 20 --kernel-name kns=jax_flash $PY gpu_memcheck_driver.py $group > "$OUT/memcheck_$group.log" 2>&1)
         # If the sanitizer's front end dies, its target must not run on beside later steps.

@@ -1,8 +1,9 @@
 """Calls only jax_flash's CUDA kernels (forward and backward) on small odd shapes, for
 `compute-sanitizer --tool memcheck`; no reference, so the sanitizer sees our kernels alone.
 Not collected by pytest (no test_ prefix); benchmarks/device_run.sh runs it, one option
-group per process (`masks`, `deterministic`, `dropout`, `kvcache`): with every group in one process the
-sanitizer's front end has segfaulted (2026-11-24), while each group alone ran clean."""
+group per process (`masks`, `masks2`, `deterministic`, `dropout`, `kvcache`): with every
+group in one process the sanitizer's front end has segfaulted (2026-11-24), while each
+group alone ran clean."""
 
 import os
 import sys
@@ -31,8 +32,10 @@ DETERMINISTIC_OPTIONS = [dict(deterministic=True), dict(causal=True, determinist
 DROPOUT_OPTIONS = [dict(dropout_p=0.3), dict(causal=True, window_size=(9, -1), dropout_p=0.5),
                    dict(window_size=(7, 7), segments="random", dropout_p=0.2),
                    dict(causal=True, segments="sorted", dropout_p=0.2, deterministic=True)]
-GROUPS = {"masks": MASK_OPTIONS, "deterministic": DETERMINISTIC_OPTIONS,
-          "dropout": DROPOUT_OPTIONS, "kvcache": []}
+# The masks are two groups: the sanitizer's front end has segfaulted at random points of
+# long runs (2026-11-24, twice on the masks group alone), never reporting an error.
+GROUPS = {"masks": MASK_OPTIONS[:4], "masks2": MASK_OPTIONS[4:],
+          "deterministic": DETERMINISTIC_OPTIONS, "dropout": DROPOUT_OPTIONS, "kvcache": []}
 OPTIONS = [o for name in (sys.argv[1:] or GROUPS) for o in GROUPS[name]]
 
 
