@@ -104,18 +104,15 @@ def check_diagonal_offset(diagonal_offset, seqlen_q, seqlen_k):
     return offset
 
 
-MAX_DROPOUT_P = 1.0 - 2.0 ** -17  # keeps at least one 16-bit draw in 2^16
-
-
 def check_dropout(dropout_p, dropout_key):
     """Returns dropout_p as a float; dropout_key is checked where it is used."""
     p = _static_number(dropout_p, "dropout_p")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if p > MAX_DROPOUT_P:
+    if round((1.0 - p) * 2 ** 16) < 1:  # the keep threshold of jax_flash.dropout
         raise ValueError(
-            f"dropout_p must be at most 1 - 2**-17 (the mask is drawn with 16-bit resolution), "
-            f"got {dropout_p}")
+            f"dropout_p must be below 1 - 2**-17 (the mask is drawn with 16-bit resolution, "
+            f"so it would keep nothing), got {dropout_p}")
     if p > 0.0 and dropout_key is None:
         raise ValueError(
             "dropout_p > 0 needs dropout_key, a JAX PRNG key (e.g. jax.random.key(0)): "

@@ -64,7 +64,7 @@ def test_mask_statistics():
 
 
 def test_keep_scale_is_exactly_unbiased():
-    for p in (0.1, 0.25, 0.5, 0.9):
+    for p in (0.1, 0.25, 0.5, 0.9, 1 - 2 ** -16):
         threshold = dropout.keep_threshold(p)
         assert abs(threshold / 2 ** 16 - (1 - p)) <= 2 ** -17
         assert dropout.keep_scale(p) * threshold == 2 ** 16
@@ -207,6 +207,7 @@ def test_dropout_zero_ignores_the_key():
     (dict(dropout_p=0.1), ValueError, "needs dropout_key"),
     (dict(dropout_p=1.0, dropout_key=jax.random.key(0)), ValueError, r"\[0, 1\)"),
     (dict(dropout_p=1 - 2 ** -20, dropout_key=jax.random.key(0)), ValueError, "2\\*\\*-17"),
+    (dict(dropout_p=1 - 2 ** -17, dropout_key=jax.random.key(0)), ValueError, "keep nothing"),
     (dict(dropout_p=-0.1, dropout_key=jax.random.key(0)), ValueError, r"\[0, 1\)"),
     (dict(dropout_p=0.1, dropout_key=3), TypeError, "PRNG key"),
     (dict(dropout_p=0.1, dropout_key=jnp.zeros((2,), jnp.int32)), TypeError, "PRNG key"),
