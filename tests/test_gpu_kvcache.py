@@ -4,6 +4,10 @@ Runs only where JAX has a GPU and jax_flash was built with its CUDA kernels; els
 every test here is skipped with the reason.
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,6 +60,7 @@ SHAPES = [
     (3, 4, 8, 2, 128, [12, 600, 2900]),
     (2, 1, 4, 4, 32, [0, 16]),
     (2, 128, 8, 2, 96, [0, 3000]),
+    (2, 3, 4, 2, 12, [5, 700]),  # head_dim not a multiple of 8: the element-wise loads
 ]
 LAYOUTS = {
     "contiguous": lambda capacity: dict(seqlen_cache=capacity),
@@ -150,3 +155,41 @@ def test_donated_bfloat16_caches_are_not_copied():
     cache_bytes = args["k_cache"].size * 2
     assert memory.alias_size_in_bytes == 2 * cache_bytes
     assert memory.temp_size_in_bytes < cache_bytes, memory
+
+
+def test_cache_batch_idx_out_of_range_is_skipped():
+    """Cache rows past the cache or negative: those batch rows see no key (zero output, lse
+    +inf) and receive no write, as on the CPU (common/kv_cache.h)."""
+    args = build(4, dict(seqlen_cache=500), (2, 2), jnp.bfloat16, batch=4, heads=8, heads_kv=2,
+                 head_dim=64, lengths=[3, 100, 250, 7], batch_idx=True)
+    index = np.asarray(args["cache_batch_idx"]).copy()
+    index[1], index[3] = -1, 10**6
+    args["cache_batch_idx"] = jnp.asarray(index, jnp.int32)
+    check(args, dict(causal=True), jnp.bfloat16, 500)
+
+
+SM86_SMEM_LIMIT = 101376  # bytes of shared memory an sm86 / sm89 CTA may opt into
+
+
+@pytest.mark.skipif("JAX_FLASH_CUDA_SMEM_LIMIT" in os.environ, reason="already a capped run")
+def test_kvcache_with_sm86_shared_memory():
+    """Head dim 256 needs the smaller tiles on GPUs with 99 KB per CTA: run them here, with
+    the shared memory capped in a fresh process; it must run its tests, not skip them."""
+    env = dict(os.environ, JAX_FLASH_CUDA_SMEM_LIMIT=str(SM86_SMEM_LIMIT))
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+         "capped_shared_memory", os.path.abspath(__file__)],
+        env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.skipif(os.environ.get("JAX_FLASH_CUDA_SMEM_LIMIT") != str(SM86_SMEM_LIMIT),
+                    reason="runs in the capped subprocess of test_kvcache_with_sm86_shared_memory")
+@pytest.mark.parametrize("layout", ["contiguous", "paged16"])
+@pytest.mark.parametrize("shape", [(2, 1, 8, 8, 256, [300, 999]), (2, 40, 4, 2, 256, [0, 1500]),
+                                   (4, 1, 32, 8, 128, [0, 1, 2047, 4000]),
+                                   (2, 128, 8, 2, 96, [0, 3000])], ids=str)
+def test_capped_shared_memory(shape, layout):
+    args, kwargs, capacity = case(shape, layout, "causal", jnp.bfloat16)
+    check(args, kwargs, jnp.bfloat16, capacity)

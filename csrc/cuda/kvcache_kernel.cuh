@@ -9,11 +9,12 @@
 //     the keys (num_splits of them) and write partial outputs with their lse, which
 //     kvcache_combine merges. Within a CTA, the decode shape (16 rows) gives each warp its
 //     own quarter of every key block, and the warps' partial results meet in shared memory
-//     at the end; the prefill shape (64 rows) gives each warp 16 rows of every key.
+//     at the end; the prefill shape (128 rows, 64 at head dim 256) gives each warp 32 rows
+//     (16) of every key.
 //
-// The cache is bandwidth-bound: K and V stream through a three-stage cp.async pipeline
-// (two for head dim 256), two CTAs per SM. Masks, softcap and ALiBi are applied per element
-// on every tile (a decoding step has few rows; the cost is hidden behind the loads).
+// The cache is bandwidth-bound: K and V stream through a double-buffered cp.async pipeline,
+// three decode CTAs per SM on the H100. Masks, softcap and ALiBi are applied per element
+// only on tiles that need them.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -80,6 +81,16 @@ struct KvCacheDecodeConfig
 template <int kHeadDimClass>
 struct KvCachePrefillConfig
     : KvCacheTiles<kHeadDimClass, 4, 1, (kHeadDimClass >= 256 ? 1 : 2), 64, 2> {};
+
+// Where a GPU's shared memory cannot hold those (head dim 256: 138 KB decode, 162 KB
+// prefill; sm86/89 allow 99 KB per CTA), the launcher takes 32-key blocks: 73 KB and 97 KB.
+template <class Config> struct KvCacheSmallSmem { using Type = Config; };
+template <> struct KvCacheSmallSmem<KvCacheDecodeConfig<256>> {
+  using Type = KvCacheTiles<256, 2, 2, 1, 32, 2>;
+};
+template <> struct KvCacheSmallSmem<KvCachePrefillConfig<256>> {
+  using Type = KvCacheTiles<256, 4, 1, 1, 32, 2>;
+};
 
 template <class Config, typename Element>
 __global__ void __launch_bounds__(Config::kThreads, 2)

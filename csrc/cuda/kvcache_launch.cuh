@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <type_traits>
 
 #include "cuda/kvcache_kernel.cuh"
 #include "cuda/launch.h"
@@ -33,6 +34,18 @@ Status launch_kvcache_config(const AttentionParams& p, const KvCacheWorkspace& w
   return Status::FromCuda(cudaGetLastError(), "launching the KV-cache combine kernel");
 }
 
+// The shape, or its smaller-shared-memory fallback where the GPU needs that.
+template <class Config, typename Element>
+Status launch_kvcache_fitting(const AttentionParams& p, const KvCacheWorkspace& workspace,
+                              const LaunchOptions& options, cudaStream_t stream) {
+  using Small = typename KvCacheSmallSmem<Config>::Type;
+  if constexpr (!std::is_same_v<Config, Small>) {
+    if (Config::kSmemBytes > options.max_smem_per_block)
+      return launch_kvcache_config<Small, Element>(p, workspace, options, stream);
+  }
+  return launch_kvcache_config<Config, Element>(p, workspace, options, stream);
+}
+
 // Up to 16 rows (query positions x the query heads of a KV head) take the decode shape,
 // whose warps split each key block; more take the prefill shape, whose warps split rows.
 template <int kHeadDimClass, typename Element>
@@ -40,10 +53,10 @@ Status launch_kvcache_sm80(const AttentionParams& p, const KvCacheWorkspace& wor
                            const LaunchOptions& options, cudaStream_t stream) {
   const int64_t rows = p.seqlen_q * (p.num_heads / p.num_heads_kv);
   if (rows <= KvCacheDecodeConfig<kHeadDimClass>::kBlockM)
-    return launch_kvcache_config<KvCacheDecodeConfig<kHeadDimClass>, Element>(p, workspace, options,
-                                                                               stream);
-  return launch_kvcache_config<KvCachePrefillConfig<kHeadDimClass>, Element>(p, workspace, options,
-                                                                              stream);
+    return launch_kvcache_fitting<KvCacheDecodeConfig<kHeadDimClass>, Element>(p, workspace,
+                                                                               options, stream);
+  return launch_kvcache_fitting<KvCachePrefillConfig<kHeadDimClass>, Element>(p, workspace,
+                                                                              options, stream);
 }
 
 }  // namespace jax_flash::cuda
