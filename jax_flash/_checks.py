@@ -92,6 +92,16 @@ def check_window(window_size, causal):
     return left, right
 
 
+def drop_idle_window_sides(window_left, window_right, reach):
+    """The window with each side that can never mask a key made unbounded (-1).
+
+    reach: a bound no query-key distance from the diagonal reaches (callers pass one that
+    holds for every row). A side >= reach hides nothing, so -1 is exactly equivalent, and
+    the kernels' 64-bit index arithmetic (diagonal + side) stays far from overflowing, as
+    does the int64 attribute the side is passed in."""
+    return tuple(-1 if side >= reach else side for side in (window_left, window_right))
+
+
 def check_diagonal_offset(diagonal_offset, seqlen_q, seqlen_k):
     """The key aligned with query 0; None means bottom-right (seqlen_k - seqlen_q)."""
     if diagonal_offset is None:

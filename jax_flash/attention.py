@@ -95,6 +95,11 @@ def _attention(
         q_segment_ids, kv_segment_ids, batch, seqlen_q, seqlen_k)
     dropout_p = _checks.check_dropout(dropout_p, dropout_key)
     has_dropout = dropout_p > 0.0
+    diagonal_offset = _checks.check_diagonal_offset(diagonal_offset, seqlen_q, seqlen_k)
+    # Query i and key j are at most seqlen_q + seqlen_k + |offset| apart from the diagonal,
+    # so a wider side masks nothing: unbounded, exactly (and no overflow in the kernels).
+    window_left, window_right = _checks.drop_idle_window_sides(
+        window_left, window_right, seqlen_q + seqlen_k + abs(diagonal_offset))
     seeds = (dropout.seeds(dropout_key, batch, num_heads, dropout_broadcast_batch) if has_dropout
              else _checks.placeholder_seeds(batch, num_heads))
     config = KernelConfig(
@@ -102,7 +107,7 @@ def _attention(
         softcap=_checks.check_softcap(softcap),
         window_left=window_left,
         window_right=window_right,
-        diagonal_offset=_checks.check_diagonal_offset(diagonal_offset, seqlen_q, seqlen_k),
+        diagonal_offset=diagonal_offset,
         has_alibi=slopes is not None,
         has_segment_ids=has_segment_ids,
         deterministic=_checks.check_deterministic(deterministic),

@@ -22,9 +22,13 @@ from jax_flash import _checks, _ffi
 
 PAGE_SIZE_MULTIPLE = 16  # csrc/ffi/decode_kvcache.h checks the same
 # cache_seqlens are clamped into [-seqlen_new, MAX_CACHE_SEQLEN] before any arithmetic, so
-# that cache_seqlens + seqlen_new cannot overflow int32. No cache row may be longer (checked),
-# so the clamp changes no result.
+# that cache_seqlens + seqlen_new cannot overflow int32. No cache row may be longer (checked:
+# MAX_CACHE_CAPACITY), so the clamp changes no result.
 MAX_CACHE_SEQLEN = 1 << 30
+# What the CUDA dispatcher accepts at run time (csrc/cuda/dispatch.cu: kMaxSeqlen for a cache
+# row's capacity, kMaxGridYZ for batch and heads), checked at trace time on every platform.
+MAX_CACHE_CAPACITY = 1 << 29
+MAX_BATCH_OR_HEADS = 65535
 
 _NO_DERIVATIVE = (
     "flash_attn_with_kvcache is inference-only and has no derivative (nor has "
@@ -78,10 +82,18 @@ def _is_int(value):
 
 def _as_int32(x):
     """An integer array as int32; wider values are clamped first so that none wraps around
-    into range (a huge page id stays out of range, a huge length stays huge)."""
-    dtype = jnp.dtype(x.dtype)
-    if dtype.itemsize > 4 or (jnp.issubdtype(dtype, jnp.unsignedinteger) and dtype.itemsize == 4):
-        lower = 0 if jnp.issubdtype(dtype, jnp.unsignedinteger) else -MAX_CACHE_SEQLEN
+    into range (a huge page id stays out of range, a huge length stays huge).
+
+    A NumPy array is clamped by NumPy, in its own dtype: with x64 off (JAX's default) jnp
+    would first convert an int64 / uint64 array to 32 bits, wrapping 2**32 + 5 to 5 (a
+    block_table entry would then read and write another sequence's page). A JAX array is
+    only 64-bit with x64 on, where jnp.clip keeps its dtype."""
+    dtype = np.dtype(x.dtype)
+    unsigned = np.issubdtype(dtype, np.unsignedinteger)
+    if dtype.itemsize > 4 or (unsigned and dtype.itemsize == 4):
+        lower = 0 if unsigned else -MAX_CACHE_SEQLEN
+        if isinstance(x, (np.ndarray, np.generic)):
+            return jnp.asarray(np.clip(x, lower, MAX_CACHE_SEQLEN).astype(np.int32))
         x = jnp.clip(x, lower, MAX_CACHE_SEQLEN)
     return jnp.asarray(x).astype(jnp.int32)
 
@@ -102,6 +114,11 @@ def check_caches(q, k_cache, v_cache, cache_batch_idx, block_table):
     if len(q_shape) != 4:
         raise ValueError(f"q must have rank 4 (batch, seqlen_q, num_heads, head_dim), got shape {q_shape}")
     batch, seqlen_q, num_heads, head_dim = q_shape
+    for name, axis, size in (("batch", 0, batch), ("num_heads", 2, num_heads)):
+        if size > MAX_BATCH_OR_HEADS:
+            raise ValueError(
+                f"q's {name} (q.shape[{axis}]) must be at most {MAX_BATCH_OR_HEADS} (the CUDA "
+                f"kernels' grid limit), got {size}")
     paged = block_table is not None
     cache_text = ("(num_blocks, page_size, num_heads_kv, head_dim) (paged, with block_table)" if paged
                   else "(batch_cache, seqlen_cache, num_heads_kv, head_dim)")
@@ -147,14 +164,23 @@ def check_caches(q, k_cache, v_cache, cache_batch_idx, block_table):
                 f"of {PAGE_SIZE_MULTIPLE}, got {page_size}")
         max_blocks = table_shape[1]
         capacity = max_blocks * page_size
+        capacity_text = (f"block_table.shape[1] * page_size = {max_blocks} * {page_size} "
+                         f"= {capacity}")
     else:
         if cache_batch_idx is None and num_pages < batch:
             raise ValueError(
                 f"k_cache has {num_pages} rows but q has batch {batch}: without cache_batch_idx, "
                 f"batch row b reads cache row b")
+        if page_size < 1:
+            raise ValueError(
+                "k_cache and v_cache hold no key per row (seqlen_cache = k_cache.shape[1] "
+                "is 0): a cache row must hold at least one key")
         max_blocks, capacity = 1, page_size
-    if capacity > MAX_CACHE_SEQLEN:
-        raise ValueError(f"a cache row may hold at most 2**30 keys, this one holds {capacity}")
+        capacity_text = f"seqlen_cache = k_cache.shape[1] = {capacity}"
+    if capacity > MAX_CACHE_CAPACITY:
+        raise ValueError(
+            f"a cache row may hold at most 2**29 keys (the CUDA kernels' limit), this one "
+            f"holds {capacity_text}")
     return CacheLayout(batch, seqlen_q, num_heads, head_dim, num_heads_kv, paged, page_size,
                        max_blocks, capacity)
 
@@ -341,14 +367,18 @@ def flash_attn_with_kvcache(
         num_heads_kv, head_dim); batch row b uses cache row cache_batch_idx[b] (default b,
         then batch_cache >= batch). Paged (with block_table): (num_blocks, page_size,
         num_heads_kv, head_dim), page_size a multiple of 16. num_heads % num_heads_kv == 0.
+        A row holds 1 to 2**29 keys (its capacity: seqlen_cache, or max_blocks_per_seq *
+        page_size) and batch and num_heads are at most 65535: the CUDA kernels' limits,
+        checked at trace time on every platform.
       k, v: optional new keys and values (batch, seqlen_new, num_heads_kv, head_dim), written
         at positions cache_seqlens[b] .. cache_seqlens[b] + seqlen_new - 1 of row b and
         attended in the same call. Requires cache_seqlens. If several batch rows write the
         same cache slot (repeated cache_batch_idx, shared pages) any one of them may win.
       rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2) tables, rotary_dim <=
         head_dim; need k and v. The new k is rotated at positions cache_seqlens[b] + t before
-        it is written. q is rotated at cache_seqlens[b] + i when causal or window_size !=
-        (-1, -1), else every query at cache_seqlens[b] (FlashAttention's rule). The tables
+        it is written. q is rotated at cache_seqlens[b] + i when causal or a window side is
+        in [0, capacity), else every query at cache_seqlens[b] (FlashAttention's rule, which
+        treats sides >= capacity as -1 first). The tables
         must cover those positions: a position past seqlen_ro - 1 uses the last row
         (clamped; this depends on run-time lengths, so it cannot be checked at trace time).
         The rotation is computed in float32 and rounded to q's dtype.
@@ -388,7 +418,15 @@ def flash_attn_with_kvcache(
     seqlen_new = check_new_kv(k, v, layout, q.dtype)
     appending = k is not None
     window_left, window_right = _checks.check_window(window_size, causal)
-    local = tuple(window_size) != (-1, -1)
+    # Rotary: FlashAttention turns sides >= seqlen_k (the capacity) into -1 before it
+    # decides whether the call is local, which moves the queries' rotary positions; causal
+    # is local (its right side is 0).
+    local = any(0 <= side < layout.capacity for side in (window_left, window_right))
+    # The masks: a row's diagonal (seqlens_k[b] - seqlen_q) lies in [-seqlen_q, capacity),
+    # so a side >= capacity + seqlen_q masks nothing in any row: unbounded, exactly (and no
+    # overflow of diagonal + side in the kernels).
+    window_left, window_right = _checks.drop_idle_window_sides(
+        window_left, window_right, layout.capacity + layout.seqlen_q)
     slopes = _checks.check_alibi_slopes(alibi_slopes, layout.batch, layout.num_heads)
     seqlens = check_cache_seqlens(cache_seqlens, layout, seqlen_new)
     rotary = check_rotary(rotary_cos, rotary_sin, rotary_interleaved, layout.head_dim, seqlen_new)
@@ -410,10 +448,10 @@ def flash_attn_with_kvcache(
         if rotary is not None:
             cos, sin = rotary
             k_positions = seqlens[:, None] + jnp.arange(seqlen_new, dtype=jnp.int32)
-            # FlashAttention's rule: queries count on from cache_seqlens under a causal or
-            # local mask; otherwise all of them sit at cache_seqlens.
+            # As in FlashAttention: queries count on from cache_seqlens under a causal or
+            # local mask (local as decided above); otherwise all of them sit at cache_seqlens.
             q_steps = jnp.arange(layout.seqlen_q, dtype=jnp.int32)
-            if not (causal or local):
+            if not local:
                 q_steps = jnp.zeros_like(q_steps)
             k = apply_rotary(k, cos, sin, k_positions, rotary_interleaved)
             q = apply_rotary(q, cos, sin, seqlens[:, None] + q_steps, rotary_interleaved)

@@ -11,10 +11,35 @@ with jax_enable_x64, for a high-precision reference).
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_flash.reference import reference_attention
+
+# Integer arguments are clamped into [-_BOUND, _BOUND] (lengths into [-seqlen_new, _BOUND])
+# before they become int32, as flash_attn_with_kvcache does (its MAX_CACHE_SEQLEN): a row
+# holds at most 2**29 keys, so the clamp changes no result, and no value wraps around.
+_BOUND = 1 << 30
+
+
+def _clamped_int32(x, lower, upper=_BOUND):
+    """x (a Python int, a NumPy or a JAX integer array) clamped into [lower, upper], as an
+    int32 JAX array. NumPy input is clamped by NumPy in its own width: with x64 off, jnp
+    would first truncate int64 to 32 bits (2**32 + 5 would become 5)."""
+    if isinstance(x, numbers.Integral):
+        return jnp.asarray(min(max(int(x), lower), upper), jnp.int32)
+    xp = np if isinstance(x, (np.ndarray, np.generic)) else jnp
+    x = xp.asarray(x)
+    if xp.issubdtype(x.dtype, xp.unsignedinteger):
+        if x.dtype.itemsize >= 4:
+            x = xp.minimum(x, upper)            # now fits int32
+        x = x.astype(xp.int32)
+    elif x.dtype.itemsize > 4:
+        x = xp.clip(x, lower, upper)            # in int64
+    return jnp.clip(jnp.asarray(x.astype(xp.int32)), lower, upper)
 
 
 def reference_rotary(x, cos, sin, positions, interleaved=True):
@@ -41,8 +66,9 @@ def _page_table(batch, cache_batch_idx, block_table):
     """(batch, max_blocks): the page holding each block of page_size keys of each row. A
     contiguous cache is one page (its cache row) of capacity keys per batch row."""
     if block_table is not None:
-        return jnp.asarray(block_table)
-    rows = jnp.arange(batch) if cache_batch_idx is None else jnp.asarray(cache_batch_idx)
+        return _clamped_int32(block_table, -_BOUND)
+    rows = (jnp.arange(batch) if cache_batch_idx is None
+            else _clamped_int32(cache_batch_idx, -_BOUND))
     return rows[:, None]
 
 
@@ -79,12 +105,15 @@ def reference_attn_with_kvcache(
     if cache_seqlens is None:
         cached = jnp.full((batch,), capacity, jnp.int32)
     else:
-        cached = jnp.broadcast_to(jnp.asarray(cache_seqlens), (batch,)).astype(jnp.int32)
+        # Clamped first, so cached + seqlen_new cannot overflow int32 either.
+        cached = jnp.broadcast_to(_clamped_int32(cache_seqlens, -seqlen_new), (batch,))
 
     if rotary_cos is not None:
         k = reference_rotary(k, rotary_cos, rotary_sin, cached[:, None] + jnp.arange(seqlen_new),
                              rotary_interleaved)
-        moving = causal or tuple(window_size) != (-1, -1)
+        # FlashAttention's rule: queries move under a causal or local mask, where a window
+        # side >= the capacity counts as unbounded.
+        moving = causal or any(0 <= side < capacity for side in window_size)
         steps = jnp.arange(seqlen_q) if moving else jnp.zeros(seqlen_q, jnp.int32)
         q = reference_rotary(q, rotary_cos, rotary_sin, cached[:, None] + steps, rotary_interleaved)
 
@@ -117,6 +146,9 @@ def reference_attn_with_kvcache(
         return jnp.take_along_axis(x, source.reshape(source.shape + (1,) * (x.ndim - 2)), axis=1)
 
     kv_ids = jnp.where(inside & take(visible), 0, 1).astype(jnp.int32)
+    # Over these capacity columns a window side of capacity + seqlen_q already hides
+    # nothing; wider sides are cut to it, which keeps the mask arithmetic small.
+    window_size = tuple(min(int(side), capacity + seqlen_q) for side in window_size)
     results = reference_attention(
         q, take(keys), take(values), softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=alibi_slopes,

@@ -6,7 +6,7 @@ import pytest
 
 import jax_flash as jf
 from helpers import (DTYPES, alibi_slopes_for, assert_within_twice_plain, attention_kwargs,
-                     flash, random_qkv, reference, to64)
+                     flash, flash_offset, random_qkv, reference, reference_offset, to64)
 
 # (batch, seqlen_q, seqlen_k, num_heads, num_heads_kv, head_dim)
 SHAPES = {
@@ -116,3 +116,28 @@ def test_large_window_equals_no_window():
     np.testing.assert_array_equal(
         jf.flash_attn_func(q, k, v, window_size=(1000, 1000)), jf.flash_attn_func(q, k, v)
     )
+
+
+@pytest.mark.parametrize("case,equivalent", [
+    (dict(window_size=(2**63 - 1, 2**63 - 1)), dict(window_size=(-1, -1))),
+    (dict(window_size=(-1, 2**63 - 1)), dict(window_size=(-1, -1))),
+    (dict(window_size=(2**40, 3)), dict(window_size=(-1, 3))),
+    (dict(window_size=(5, 2**63)), dict(window_size=(5, -1))),          # past int64
+    (dict(window_size=(2**70, 2**64), causal=True), dict(causal=True)),
+], ids=["max_max", "none_max", "2e40_3", "5_2e63", "2e70_2e64_causal"])
+@pytest.mark.parametrize("offset", [None, -40, 45])
+def test_huge_window_sides_are_unbounded(case, equivalent, offset):
+    """A side too wide to mask anything acts as -1: diagonal + side must not overflow int64
+    in the kernels, and a side past int64 must not fail to become an attribute."""
+    shape = (2, 17, 33, 4, 2, 32)
+    case, equivalent = dict(case, diagonal_offset=offset), dict(equivalent, diagonal_offset=offset)
+
+    def reference_equivalent(q, k, v, return_lse, **_):
+        return reference_offset(q, k, v, return_lse=return_lse, **equivalent)
+
+    check_forward(shape, case, jnp.float32, seed=9, flash_fn=flash_offset,
+                  reference_fn=reference_equivalent)
+    q, k, v = random_qkv(9, *shape, jnp.float32)
+    for a, b in zip(flash_offset(q, k, v, return_lse=True, **case),
+                    flash_offset(q, k, v, return_lse=True, **equivalent)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,6 +1,10 @@
 """flash_attn_with_kvcache on the CPU: attention against a float64 reference, the append
 checked slot by slot, the out-of-range rules, jit with donated caches, and the transforms."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,6 +88,22 @@ def test_rotary_matches_a_rotation_by_hand():
         for fn in (reference_rotary, jf.kvcache.apply_rotary):
             got = fn(jnp.asarray(x), jnp.asarray(cos), jnp.asarray(sin), positions, interleaved)
             np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_rotary_window_past_the_capacity_is_not_local():
+    """FlashAttention makes window sides >= the capacity -1 before it decides whether a call
+    is local: without causal, such a window leaves every query at cache_seqlens, exactly
+    like no window; a side of capacity - 1 (which masks nothing here either) is local, so
+    query i moves to cache_seqlens + i."""
+    capacity = capacity_of("paged48")
+    args = build(24, "paged48", "prefill", jnp.float32, rotary_dim=16)
+    no_window = flash(**args, return_lse=True)
+    for window in ((capacity, capacity), (-1, capacity), (capacity + 100, -1), (2**63, -1)):
+        ours, _ = check(args, dict(window_size=window), jnp.float32, capacity)
+        for a, b in zip(ours, no_window):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    ours, _ = check(args, dict(window_size=(capacity - 1, -1)), jnp.float32, capacity)
+    assert not np.allclose(np.asarray(ours[0]), np.asarray(no_window[0]), atol=1e-3)
 
 
 @pytest.mark.parametrize("extra", ["softcap", "alibi_heads", "alibi_batch_softcap_scale"])
@@ -186,6 +206,24 @@ def test_num_splits_is_accepted_and_ignored_on_cpu():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("window_size,equivalent", [
+    ((2**63 - 1, 2**63 - 1), (-1, -1)),
+    ((-1, 2**63 - 1), (-1, -1)),
+    ((2**40, 3), (-1, 3)),
+    ((2**63, 2**64 + 5), (-1, -1)),                 # past int64
+], ids=["max_max", "none_max", "2e40_3", "2e63_2e64"])
+@pytest.mark.parametrize("cache,mode", [("paged16", "prefill"), ("contiguous", "read")])
+def test_huge_window_sides_are_unbounded(cache, mode, window_size, equivalent):
+    """A side too wide to mask anything acts as -1 (no int64 overflow of diagonal + side in
+    the kernels, no OverflowError for sides past int64), against the reference and bit for
+    bit against the equivalent window."""
+    args = build(25, cache, mode, jnp.float32, rotary_dim=16 if mode == "prefill" else None)
+    ours, _ = check(args, dict(window_size=window_size), jnp.float32, capacity_of(cache))
+    for a, b in zip(ours, flash(**args, window_size=equivalent, return_lse=True)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    check(args, dict(window_size=equivalent), jnp.float32, capacity_of(cache))
+
+
 # ---- out-of-range run-time values ----
 
 def _out_and_caches(args, **kwargs):
@@ -208,10 +246,13 @@ def test_huge_lengths_do_not_wrap():
     capacity = capacity_of("paged16")
     args = build(15, "paged16", "prefill", jnp.float32)
     expected = _out_and_caches(dict(args, cache_seqlens=jnp.asarray([capacity + 1] * 3, jnp.int32)))
-    for lengths in (jnp.asarray([2**31 - 1] * 3, jnp.int32), jnp.asarray([2**40] * 3, jnp.int64)):
+    for lengths in (jnp.asarray([2**31 - 1] * 3, jnp.int32), jnp.asarray([2**40] * 3, jnp.int64),
+                    np.asarray([2**32 + 3] * 3, np.int64), np.asarray([2**63 + 1] * 3, np.uint64)):
         got = _out_and_caches(dict(args, cache_seqlens=lengths))
         for a, b in zip(got, expected):
             np.testing.assert_array_equal(a, b)
+        # The reference clamps the same way (an int32 cast would wrap 2**40 to 0).
+        check(dict(args, cache_seqlens=lengths), dict(causal=True), jnp.float32, capacity)
     # Every row is past its capacity: nothing written, every key of each row visible.
     np.testing.assert_array_equal(expected[2], np.asarray(args["k_cache"]))
 
@@ -240,6 +281,60 @@ def test_bad_cache_batch_idx_is_skipped_and_not_written():
     wide = dict(args, cache_batch_idx=jnp.asarray([-(2**33), 3, 2**32 + 1], jnp.int64))
     for a, b in zip(_out_and_caches(wide), _out_and_caches(args)):
         np.testing.assert_array_equal(a, b)
+
+
+_X64_OFF_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+import jax_flash as jf
+assert not jax.config.jax_enable_x64
+rng = np.random.default_rng(0)
+def normal(*shape):
+    return jnp.asarray(rng.standard_normal(shape, np.float32))
+def run(**kwargs):
+    results = jf.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, causal=True,
+                                         return_lse=True, **kwargs)
+    reference = jf.reference_attn_with_kvcache(q, k_cache, v_cache, k, v, causal=True,
+                                               return_lse=True, **kwargs)
+    for a, b in zip(results, reference):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    return [np.asarray(x) for x in results]
+def same(a, b):
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+q, k, v = normal(2, 2, 2, 16), normal(2, 2, 1, 16), normal(2, 2, 1, 16)
+
+# Paged, 6 pages of 16: entry 2**32 + 5 must be out of range (skipped, never written), not
+# page 5 (which no row owns, so a wrapped entry would show up in its slots).
+k_cache, v_cache = normal(6, 16, 1, 16), normal(6, 16, 1, 16)
+lengths = np.asarray([3, 20], np.int32)
+table = np.asarray([[0, 1], [2, 3]], np.int64)
+outside = run(cache_seqlens=lengths, block_table=np.where(table == 0, 6, table).astype(np.int32))
+for wide in (np.where(table == 0, 2**32 + 5, table),
+             np.where(table == 0, 2**32 + 5, table).astype(np.uint64)):
+    got = run(cache_seqlens=lengths, block_table=wide)
+    same(got, outside)
+    assert got[2][5].tobytes() == np.asarray(k_cache)[5].tobytes()
+
+# Contiguous, 4 cache rows of 32: cache_batch_idx 2**32 + 3 is outside (not row 3), and
+# cache_seqlens 2**32 + 3 is past the capacity (not 3).
+k_cache, v_cache = normal(4, 32, 1, 16), normal(4, 32, 1, 16)
+index = np.asarray([2**32 + 3, 1], np.int64)
+same(run(cache_seqlens=lengths, cache_batch_idx=index),
+     run(cache_seqlens=lengths, cache_batch_idx=np.asarray([4, 1], np.int32)))
+same(run(cache_seqlens=np.asarray([2**32 + 3, 5], np.int64)),
+     run(cache_seqlens=np.asarray([33, 5], np.int32)))
+print("x64-off ok")
+"""
+
+
+def test_wide_numpy_indices_do_not_wrap_with_x64_off():
+    """With x64 off (JAX's default; conftest turns it on, hence a subprocess), int64 / uint64
+    NumPy block_table, cache_batch_idx and cache_seqlens are clamped by NumPy before any
+    conversion to 32 bits, in the op and in the reference."""
+    env = dict(os.environ, JAX_ENABLE_X64="0", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", _X64_OFF_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0 and "x64-off ok" in done.stdout, done.stdout + done.stderr
 
 
 # ---- jit, donation, transforms ----

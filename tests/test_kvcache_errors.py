@@ -76,9 +76,44 @@ def test_paged_errors(changes, match):
         trace(base(paged=True, **changes))
 
 
-def test_capacity_limit():
-    with pytest.raises(ValueError, match=r"at most 2\*\*30 keys, this one holds 2147483648"):
-        trace(base(paged=True, block_table=spec((B, 2**27), jnp.int32)))
+@pytest.mark.parametrize("paged,changes,match", [
+    (True, dict(block_table=spec((B, 2**25 + 1), jnp.int32)),
+     r"at most 2\*\*29 keys \(the CUDA kernels' limit\), this one holds "
+     r"block_table.shape\[1\] \* page_size = 33554433 \* 16 = 536870928"),
+    (False, dict(k_cache=spec((B, 2**29 + 1, HK, D)), v_cache=spec((B, 2**29 + 1, HK, D))),
+     r"at most 2\*\*29 keys .* seqlen_cache = k_cache.shape\[1\] = 536870913"),
+])
+def test_capacity_limit(paged, changes, match):
+    """The CUDA dispatcher rejects rows of more than 2**29 keys at run time; the trace-time
+    check says so first, on every platform."""
+    with pytest.raises(ValueError, match=match):
+        trace(base(paged=paged, new=False, **changes))
+
+
+def test_capacity_at_the_limit_traces():
+    assert trace(base(paged=True, new=False, block_table=spec((B, 2**25), jnp.int32))).shape == (B, SQ, H, D)
+    cache = spec((B, 2**29, HK, D))
+    assert trace(base(new=False, k_cache=cache, v_cache=cache)).shape == (B, SQ, H, D)
+
+
+def test_empty_cache_rows():
+    cache = spec((B, 0, HK, D))
+    with pytest.raises(ValueError, match=r"seqlen_cache = k_cache.shape\[1\] is 0\): a cache row "
+                                         r"must hold at least one key"):
+        trace(base(k_cache=cache, v_cache=cache))
+
+
+@pytest.mark.parametrize("q_shape,match", [
+    ((65536, SQ, H, D), r"q's batch \(q.shape\[0\]\) must be at most 65535 \(the CUDA kernels' "
+                        r"grid limit\), got 65536"),
+    ((B, SQ, 65536, D), r"q's num_heads \(q.shape\[2\]\) must be at most 65535"),
+])
+def test_batch_and_heads_limit(q_shape, match):
+    batch = q_shape[0]
+    cache = spec((batch, S, HK, D))
+    with pytest.raises(ValueError, match=match):
+        trace(base(new=False, q=spec(q_shape), k_cache=cache, v_cache=cache,
+                   cache_seqlens=spec((batch,), jnp.int32)))
 
 
 def test_paged_cache_rank_error_names_the_paged_layout():
