@@ -114,10 +114,15 @@ def kvcache_forward(config, q, k_cache, v_cache, alibi_slopes, seqlens_k, kv_bat
                     block_table):
     """out (like q) and lse (batch, num_heads, seqlen_q) float32 of q against caches read in
     place: k_cache / v_cache (batch_cache, seqlen_cache, heads_kv, head_dim) or, paged,
-    (num_blocks, page_size, heads_kv, head_dim). Every operand is always passed: slopes
-    (batch, num_heads) float32, seqlens_k (batch,) int32 (the keys each row sees),
-    kv_batch_idx (batch,) and block_table (batch, max_blocks) int32; the config (a
-    jax_flash.kvcache.KvCacheConfig) says which are on.
+    (num_blocks, page_size, heads_kv, head_dim). Every operand is always passed; the config
+    (a jax_flash.kvcache.KvCacheConfig) says which are on, and those that are off are cheap
+    placeholders (csrc/ffi/decode_kvcache.h checks their shapes):
+      alibi_slopes: (batch, num_heads) float32 with ALiBi, else an empty (0,) float32 array;
+      seqlens_k: (batch,) int32, the keys each row sees (always used);
+      kv_batch_idx: (batch,) int32 with cache_batch_idx, else any (batch,) int32 array
+        (flash_attn_with_kvcache passes seqlens_k itself);
+      block_table: (batch, max_blocks) int32 when paged, else any (batch, n) int32 array
+        (flash_attn_with_kvcache passes seqlens_k[:, None]).
     """
     _check_platform(q.dtype)
     batch, seqlen_q, num_heads, _ = q.shape

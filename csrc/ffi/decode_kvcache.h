@@ -26,9 +26,9 @@ struct KvCacheAttributes {
   int64_t num_splits;
 };
 
-// q, k_cache, v_cache, alibi_slopes (batch, heads) f32, seqlens_k (batch,) s32,
-// kv_batch_idx (batch,) s32, block_table (batch, max_blocks) s32; the last two are
-// placeholders (right batch size) when the attributes say they are off.
+// q, k_cache, v_cache, alibi_slopes (batch, heads) f32 (empty without ALiBi), seqlens_k
+// (batch,) s32, kv_batch_idx (batch,) s32, block_table (batch, max_blocks) s32; the last two
+// are placeholders (right batch size, any contents) when the attributes say they are off.
 struct KvCacheOperands {
   const ffi::AnyBuffer& q;
   const ffi::AnyBuffer& k_cache;
@@ -39,8 +39,11 @@ struct KvCacheOperands {
   const ffi::Buffer<ffi::S32>& block_table;
 };
 
-// Page sizes are multiples of this, so that the GPU's key tiles never straddle a page
-// partially (checked on every platform alike).
+// Page sizes must be multiples of this: the contract the documentation states (README,
+// docs/api.md), checked on every platform alike so that a call valid on one is valid on all.
+// No kernel relies on it: the CPU and GPU kernels look up each key's page separately, so a
+// key tile may straddle pages. It is API hygiene, keeping to FlashAttention-style
+// page-size rules, and leaves room for kernels that load whole pages.
 inline constexpr int64_t kPageSizeMultiple = 16;
 
 inline ffi::Error decode_kvcache_forward(const KvCacheOperands& in, const KvCacheAttributes& attrs,
