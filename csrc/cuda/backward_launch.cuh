@@ -6,7 +6,6 @@
 #include <cuda_runtime.h>
 
 #include <string>
-#include <type_traits>
 
 #include "cuda/backward_dq_kernel.cuh"
 #include "cuda/backward_kernel.cuh"
@@ -36,13 +35,11 @@ Status launch_backward_config(const AttentionParams& p, const BackwardWorkspace&
 template <int kHeadDimClass, typename Element>
 Status launch_backward_sm80(const AttentionParams& p, const BackwardWorkspace& workspace,
                             const LaunchOptions& options, cudaStream_t stream) {
-  using Config = BackwardConfig<kHeadDimClass>;
-  using Fallback = typename BackwardSmallSmem<kHeadDimClass>::Config;
-  if constexpr (!std::is_same_v<Config, Fallback>) {
-    if (Config::kSmemBytes > options.max_smem_per_block)
-      return launch_backward_config<Fallback, Element>(p, workspace, options, stream);
-  }
-  return launch_backward_config<Config, Element>(p, workspace, options, stream);
+  return with_fitting_config<BackwardConfig<kHeadDimClass>,
+                             typename BackwardSmallSmem<kHeadDimClass>::Config>(
+      options, [&](auto config) {
+        return launch_backward_config<decltype(config), Element>(p, workspace, options, stream);
+      });
 }
 
 template <int kHeadDimClass, typename Element>

@@ -6,7 +6,6 @@
 #include <cuda_runtime.h>
 
 #include <string>
-#include <type_traits>
 
 #include "cuda/kvcache_kernel.cuh"
 #include "cuda/launch.h"
@@ -38,12 +37,10 @@ Status launch_kvcache_config(const AttentionParams& p, const KvCacheWorkspace& w
 template <class Config, typename Element>
 Status launch_kvcache_fitting(const AttentionParams& p, const KvCacheWorkspace& workspace,
                               const LaunchOptions& options, cudaStream_t stream) {
-  using Small = typename KvCacheSmallSmem<Config>::Type;
-  if constexpr (!std::is_same_v<Config, Small>) {
-    if (Config::kSmemBytes > options.max_smem_per_block)
-      return launch_kvcache_config<Small, Element>(p, workspace, options, stream);
-  }
-  return launch_kvcache_config<Config, Element>(p, workspace, options, stream);
+  return with_fitting_config<Config, typename KvCacheSmallSmem<Config>::Type>(
+      options, [&](auto config) {
+        return launch_kvcache_config<decltype(config), Element>(p, workspace, options, stream);
+      });
 }
 
 // Up to 16 rows (query positions x the query heads of a KV head) take the decode shape,

@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <string>
+#include <type_traits>
 
 #include "common/attention_params.h"
 #include "cuda/flash_api.h"
@@ -34,6 +35,16 @@ Status allow_shared_memory(Kernel* kernel, int bytes, const LaunchOptions& optio
   return Status::FromCuda(
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes),
       ("raising the " + what + " kernel's shared memory limit").c_str());
+}
+
+// Calls launch(Config{}) with the tile shape Config, or with Fallback where this GPU's shared
+// memory cannot hold Config (the GPUs before Hopper); the configs are empty tag types.
+template <class Config, class Fallback, typename Launch>
+Status with_fitting_config(const LaunchOptions& options, Launch&& launch) {
+  if constexpr (!std::is_same_v<Config, Fallback>) {
+    if (Config::kSmemBytes > options.max_smem_per_block) return launch(Fallback{});
+  }
+  return launch(Config{});
 }
 
 template <int kHeadDimClass, typename Element>
