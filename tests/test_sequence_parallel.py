@@ -244,3 +244,17 @@ def test_pmap_users():
     stacked = [jnp.stack(x) for x in zip(*per_device)]
     for i, out in enumerate(batched(*stacked)):
         np.testing.assert_array_equal(out, flash(*per_device[i], causal=True))
+
+
+@pytest.mark.parametrize("window_size", [(2**63 - 1, 2**63 - 1), (-1, 2**64), (2**40, 2**40)])
+def test_ring_window_sides_past_the_sequence_mean_unbounded(window_size):
+    """Sides no distance reaches become unbounded before the kernels (no int64 overflow):
+    bit for bit the call without a window."""
+    mesh = mesh_of(4)
+    q, k, v = random_qkv(3, *GQA, jnp.float32)
+
+    def ring(window):
+        return jax.jit(lambda q, k, v: jf.sequence_parallel_attention(
+            q, k, v, mesh, "sp", method="ring", window_size=window))(q, k, v)
+
+    np.testing.assert_array_equal(np.asarray(ring(window_size)), np.asarray(ring((-1, -1))))
