@@ -332,8 +332,10 @@ def test_wide_numpy_indices_do_not_wrap_with_x64_off():
     NumPy block_table, cache_batch_idx and cache_seqlens are clamped by NumPy before any
     conversion to 32 bits, in the op and in the reference."""
     env = dict(os.environ, JAX_ENABLE_X64="0", JAX_PLATFORMS="cpu")
+    # From the tests folder: from the repository root, `import jax_flash` would find the
+    # source tree (no compiled extension) before the installed package.
     done = subprocess.run([sys.executable, "-c", _X64_OFF_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert done.returncode == 0 and "x64-off ok" in done.stdout, done.stdout + done.stderr
 
 
