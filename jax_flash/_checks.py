@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_flash import dropout
+
 MAX_HEAD_DIM = 256
 MAX_DIAGONAL_OFFSET = 1 << 29  # the CUDA kernels' index arithmetic is 32-bit
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
@@ -119,7 +121,7 @@ def check_dropout(dropout_p, dropout_key):
     p = _static_number(dropout_p, "dropout_p")
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if round((1.0 - p) * 2 ** 16) < 1:  # the keep threshold of jax_flash.dropout
+    if dropout.keep_threshold(p) < 1:
         raise ValueError(
             f"dropout_p must be below 1 - 2**-17 (the mask is drawn with 16-bit resolution, "
             f"so it would keep nothing), got {dropout_p}")
