@@ -131,8 +131,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int valid_keys = min(kBlockN, seqlen_k - key0);
 
   const bool has_segments = kHasSegments && (!kDropout || p.has_segment_ids());
-  IndexRange queries = queries_of_key_block<Config::kThreads, kHasSegments>(p, batch, key0,
-                                                                            valid_keys, has_segments);
+  IndexRange queries =
+      has_segments ? queries_of_key_block<Config::kThreads, kHasSegments>(p, batch, key0, valid_keys)
+                   : queries_of_key_block<Config::kThreads, false>(p, batch, key0, valid_keys);
   // Dropout draws come in 16-query chunks: start at one (the masks hide the extra rows).
   if (kDropout && !queries.empty()) queries.begin &= ~int64_t{15};
   auto q_ids = [&] { return p.q_segment_ids + batch * p.seqlen_q; };

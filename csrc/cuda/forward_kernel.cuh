@@ -100,7 +100,8 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
 
   const bool has_segments = kHasSegments && (!kDropout || p.has_segment_ids());
   IndexRange keys =
-      keys_of_query_block<Config::kThreads, kHasSegments>(p, batch, row0, valid_rows, has_segments);
+      has_segments ? keys_of_query_block<Config::kThreads, kHasSegments>(p, batch, row0, valid_rows)
+                   : keys_of_query_block<Config::kThreads, false>(p, batch, row0, valid_rows);
   // Dropout draws come in 32-key chunks: start at one (the masks hide the extra keys).
   if (kDropout && !keys.empty()) keys.begin &= ~int64_t{31};
   auto q_ids = [&] { return p.q_segment_ids + batch * p.seqlen_q + row0; };

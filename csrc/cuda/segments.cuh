@@ -100,20 +100,17 @@ struct CtaReduce {
 };
 
 // The keys that query rows [row0, row0 + rows) of batch row `batch` may see: the window's
-// range, narrowed to the keys whose ids fall in the rows' id range in the segment variant
-// when the call has ids (has_segments: a run-time switch only in the dropout variant, which
-// takes every mask). Every thread of the CTA must call it.
+// range, narrowed to the keys whose ids fall in the rows' id range in the segment variant.
+// Every thread of the CTA must call it.
 template <int kThreads, bool kHasSegments>
 __device__ __forceinline__ IndexRange keys_of_query_block(const AttentionParams& p, int batch,
-                                                          int row0, int rows, bool has_segments) {
+                                                          int row0, int rows) {
   IndexRange keys = visible_keys(p, row0, row0 + rows);
   if constexpr (kHasSegments) {
-    if (has_segments) {
-      __shared__ int reduce_scratch[2];
-      const CtaReduce<kThreads> cta{reduce_scratch};
-      keys = cta.narrow(p.kv_segment_ids + batch * p.seqlen_k, static_cast<int>(p.seqlen_k),
-                        keys, cta.ids_range(p.q_segment_ids + batch * p.seqlen_q + row0, rows));
-    }
+    __shared__ int reduce_scratch[2];
+    const CtaReduce<kThreads> cta{reduce_scratch};
+    keys = cta.narrow(p.kv_segment_ids + batch * p.seqlen_k, static_cast<int>(p.seqlen_k), keys,
+                      cta.ids_range(p.q_segment_ids + batch * p.seqlen_q + row0, rows));
   }
   return keys;
 }
@@ -121,17 +118,13 @@ __device__ __forceinline__ IndexRange keys_of_query_block(const AttentionParams&
 // The same from the keys' side: the query rows that keys [key0, key0 + keys) may be seen by.
 template <int kThreads, bool kHasSegments>
 __device__ __forceinline__ IndexRange queries_of_key_block(const AttentionParams& p, int batch,
-                                                           int key0, int keys,
-                                                           bool has_segments) {
+                                                           int key0, int keys) {
   IndexRange queries = visible_queries(p, key0, key0 + keys);
   if constexpr (kHasSegments) {
-    if (has_segments) {
-      __shared__ int reduce_scratch[2];
-      const CtaReduce<kThreads> cta{reduce_scratch};
-      queries = cta.narrow(p.q_segment_ids + batch * p.seqlen_q, static_cast<int>(p.seqlen_q),
-                           queries,
-                           cta.ids_range(p.kv_segment_ids + batch * p.seqlen_k + key0, keys));
-    }
+    __shared__ int reduce_scratch[2];
+    const CtaReduce<kThreads> cta{reduce_scratch};
+    queries = cta.narrow(p.q_segment_ids + batch * p.seqlen_q, static_cast<int>(p.seqlen_q),
+                         queries, cta.ids_range(p.kv_segment_ids + batch * p.seqlen_k + key0, keys));
   }
   return queries;
 }
