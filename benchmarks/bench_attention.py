@@ -59,6 +59,13 @@ def implementations():
     def xla(q, k, v, causal):
         return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
 
+    def fa3(q, k, v, causal):
+        # The flash-attn3-jax wheel (FlashAttention-3 behind XLA FFI; head dims <= 128),
+        # carried to the device by ../shared/tools/peer-wheels.sh.
+        from flash_attn3_jax import flash_mha
+
+        return flash_mha(q, k, v, is_causal=causal)
+
     def ring_one_device(q, k, v, causal):
         # The ring machinery (shard_map, plans, lse merges, custom_vjp) on a one-device mesh:
         # what it costs beyond the kernels.
@@ -67,7 +74,7 @@ def implementations():
 
     return {"jax_flash": ours, "jax_flash_det": ours_deterministic,
             "jax_flash_dropout": ours_dropout, "cudnn": cudnn, "cudnn_dropout": cudnn_dropout,
-            "xla": xla, "ring_1dev": ring_one_device}
+            "xla": xla, "ring_1dev": ring_one_device, "fa3": fa3}
 
 
 def time_call(fn, args, batches=5, min_batch_seconds=0.03):
@@ -126,22 +133,26 @@ def main():
     parser.add_argument("--impls", nargs="+", default=["jax_flash", "cudnn", "xla"])
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
     parser.add_argument("--json", default=None)
+    parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--tag", default="",
+                        help="appended to our rows' names: which build or setting ran them")
     args = parser.parse_args()
     impls = implementations()
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     rows = []
     for head_dim in args.head_dims:
-        for causal in (False, True):
+        for causal in (bool(c) for c in args.causal):
             for seqlen in args.seqlens:
                 for mode in args.modes:
                     line = [f"d={head_dim:3d} s={seqlen:5d} causal={int(causal)} {mode:7s}"]
                     for name in args.impls:
-                        row = measure(name, impls[name], head_dim, seqlen, causal, mode)
+                        label = name + args.tag if name.startswith("jax_flash") else name
+                        row = measure(label, impls[name], head_dim, seqlen, causal, mode)
                         rows.append(row)
                         cell = f"{row['tflops']:6.1f}" if "tflops" in row else "  fail"
                         if "temp_mib" in row:
                             cell += f" ({row['temp_mib']:.0f} MiB)"
-                        line.append(f"{name}={cell}")
+                        line.append(f"{label}={cell}")
                     print("  ".join(line), flush=True)
     save_rows(args.json, rows)
 

@@ -3,8 +3,8 @@
 # our kernels, and benchmark. Logs and JSON go to $OUT (the device tool returns them).
 # Steps are arguments, each optionally with a time limit in seconds (step:seconds):
 #   bash benchmarks/device_run.sh build gputests:300 memcheck:120 bench-quick
-# Steps: build cputests gputests gputests-kvcache memcheck bench bench-quick bench-ring bench-packed
-# bench-kvcache examples. (Register and spill counts
+# Steps: build sass cputests gputests gputests-sm90 gputests-kvcache memcheck bench bench-quick bench-ring bench-packed
+# bench-sm90 bench-kvcache examples. (Register and spill counts
 # need no GPU: nvcc -Xptxas -v on an instantiation file, here.)
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
@@ -41,6 +41,30 @@ run_step() {
       # Per-test lines stream into the log, so a run cut by its time limit still shows them.
       grep -cE " PASSED " "$OUT/gputests.log" | sed 's/^/passed so far: /'
       grep -E " (FAILED|ERROR) |^E  .*Error|passed|failed" "$OUT/gputests.log" | head -40
+      ;;
+    sass)
+      # The Hopper kernels must run on wgmma: count HGMMA instructions per kernel.
+      cuobjdump -sass build/*/libjax_flash_cuda_sm90.a 2>/dev/null > "$OUT/sm90.sass"
+      grep -E "Function :" "$OUT/sm90.sass" | head -3
+      echo "HGMMA: $(grep -c HGMMA "$OUT/sm90.sass")  HMMA: $(grep -c "HMMA\." "$OUT/sm90.sass")  LDL/STL: $(grep -cE "LDL|STL" "$OUT/sm90.sass")"
+      ;;
+    gputests-sm90)
+      # Smoke first (a hang or a wrong kernel shows in seconds), then the whole grid.
+      (cd tests && XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 120 $PY -m pytest -x -q -p no:cacheprovider \
+        -p no:benchmark --tb=short test_gpu_sm90.py -k "test_forward and none and bf16" 2>&1 | tail -15) | tee "$OUT/gputests_sm90_smoke.log"
+      (cd tests && XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_autotune_level=0 timeout "$limit" $PY -m pytest -v -n 8 \
+        -p no:cacheprovider -p no:benchmark --tb=short -rfE test_gpu_sm90.py > "$OUT/gputests_sm90.log" 2>&1)
+      grep -cE " PASSED " "$OUT/gputests_sm90.log" | sed 's/^/passed so far: /'
+      grep -E " (FAILED|ERROR) |^E  .*Error|passed|failed" "$OUT/gputests_sm90.log" | head -40
+      ;;
+    bench-sm90)
+      # The forward grid with cuDNN and FlashAttention-3 (carried wheel, if installed), then
+      # the sm80 kernel on the same GPU (JAX_FLASH_CUDA_SM90=0).
+      (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims ${BENCH_HEAD_DIMS:-64 128 256} \
+        --seqlens ${BENCH_SEQLENS:-1024 2048 4096 8192 16384} --modes fwd --impls jax_flash cudnn fa3 \
+        --json "$OUT/bench_sm90.json") 2>&1 | tee "$OUT/bench_sm90.log"
+      (cd /tmp && JAX_FLASH_CUDA_SM90=0 timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 \
+        --seqlens 4096 16384 --modes fwd --impls jax_flash --tag _sm80 --json "$OUT/bench_sm90_sm80.json") 2>&1 | grep "d=" | tee -a "$OUT/bench_sm90.log"
       ;;
     gputests-kvcache)
       # flash_attn_with_kvcache's GPU tests, a step of their own (a long list).

@@ -1,7 +1,8 @@
 // The one place that picks a kernel for a call: validates what the kernels assume, reads
 // the device's compute capability (once per device), and dispatches on architecture,
-// element type and head-dim class. A Hopper-specific kernel family would slot in as
-// another branch of `architecture_of` below; today every sm80+ GPU runs the sm80 kernels.
+// element type and head-dim class. Hopper (sm90) runs the wgmma forward where the build
+// has it and the call suits it (sm90_forward_eligible); everything else runs the sm80
+// kernels.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -84,14 +85,15 @@ Status current_device_info(DeviceInfo* info) {
   return Status::Ok();
 }
 
-enum class Architecture { kSm80 };
+enum class Architecture { kSm80, kSm90 };
 
 Status architecture_of(const DeviceInfo& device, Architecture* architecture) {
   if (device.major < 8)
     return Status::Unimplemented(
         "jax_flash CUDA kernels need compute capability 8.0 or newer (Ampere, Ada, Hopper, "
         "...); this GPU is sm_" + std::to_string(device.major) + std::to_string(device.minor));
-  *architecture = Architecture::kSm80;  // sm90+ runs the sm80 kernels until Hopper kernels land
+  // sm_90a code runs on compute capability 9.0 only; later GPUs take the sm80 kernels.
+  *architecture = device.major == 9 && device.minor == 0 ? Architecture::kSm90 : Architecture::kSm80;
   return Status::Ok();
 }
 
@@ -211,6 +213,46 @@ Status forward_sm80(int d, const AttentionParams& p, const LaunchOptions& option
   });
 }
 
+// Whether the Hopper forward takes this call: built for the class, head_dim exactly the
+// class (the tensor maps read whole 64-column chunks), TMA-friendly layout (16-byte aligned
+// bases and strides: `vectorized`), keys to read, and no segment ids or dropout (those run
+// on the sm80 kernels). JAX_FLASH_CUDA_SM90=0 turns it off (comparisons, fallback tests).
+bool sm90_forward_eligible(int d, const AttentionParams& p, const LaunchOptions& options) {
+#ifdef JAX_FLASH_CUDA_SM90
+  static const bool enabled = [] {
+    const char* value = std::getenv("JAX_FLASH_CUDA_SM90");
+    return value == nullptr || value[0] != '0';
+  }();
+  const int64_t m_blocks = (p.seqlen_q + 127) / 128;
+  return enabled && d >= 64 && p.head_dim == d && options.vectorized && p.seqlen_k > 0 &&
+         !p.has_segment_ids() && !p.has_dropout() &&
+         m_blocks * p.num_heads * p.batch <= std::numeric_limits<int32_t>::max();
+#else
+  (void)d, (void)p, (void)options;
+  return false;
+#endif
+}
+
+template <typename Element>
+Status forward_sm90(int d, const AttentionParams& p, const LaunchOptions& options,
+                    cudaStream_t stream) {
+#ifdef JAX_FLASH_CUDA_SM90
+  switch (d) {
+#ifdef JAX_FLASH_CUDA_HDIM_64
+    case 64: return launch_forward_sm90<64, Element>(p, options, stream);
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_128
+    case 128: return launch_forward_sm90<128, Element>(p, options, stream);
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_256
+    case 256: return launch_forward_sm90<256, Element>(p, options, stream);
+#endif
+    default: break;
+  }
+#endif
+  return forward_sm80<Element>(d, p, options, stream);
+}
+
 template <typename Element>
 Status backward_sm80(int d, const AttentionParams& p, const BackwardWorkspace& workspace,
                      const LaunchOptions& options, cudaStream_t stream) {
@@ -270,8 +312,13 @@ Status flash_forward(const AttentionParams& p_in, cudaStream_t stream) {
   Architecture architecture;
   LaunchOptions options;
   if (Status s = launch_options(p, /*backward=*/false, &architecture, &options); !s.ok()) return s;
+  if (architecture == Architecture::kSm90 && sm90_forward_eligible(d, p, options)) {
+    if (p.element_type == ElementType::kFloat16) return forward_sm90<__half>(d, p, options, stream);
+    return forward_sm90<__nv_bfloat16>(d, p, options, stream);
+  }
   switch (architecture) {
     case Architecture::kSm80:
+    case Architecture::kSm90:
       if (p.element_type == ElementType::kFloat16) return forward_sm80<__half>(d, p, options, stream);
       return forward_sm80<__nv_bfloat16>(d, p, options, stream);
   }
@@ -325,6 +372,7 @@ Status flash_kvcache_forward(const AttentionParams& p, const KvCacheWorkspace& w
   };
   switch (architecture) {
     case Architecture::kSm80:
+    case Architecture::kSm90:
       if (p.element_type == ElementType::kFloat16) return launch(__half{});
       return launch(__nv_bfloat16{});
   }
@@ -353,6 +401,7 @@ Status flash_backward(const AttentionParams& p_in, const BackwardWorkspace& work
   if (Status s = launch_options(p, /*backward=*/true, &architecture, &options); !s.ok()) return s;
   switch (architecture) {
     case Architecture::kSm80:
+    case Architecture::kSm90:  // the Hopper backward is not written yet
       if (p.element_type == ElementType::kFloat16)
         return backward_all<__half>(d, p, workspace, options, stream);
       return backward_all<__nv_bfloat16>(d, p, workspace, options, stream);

@@ -51,6 +51,12 @@ template <int kHeadDimClass, typename Element>
 Status launch_forward_sm80(const AttentionParams& p, const LaunchOptions& options,
                            cudaStream_t stream);
 
+// The Hopper (sm_90a) forward: wgmma + TMA, warp specialized (hopper/). Built only where
+// CMake compiles for sm_90a (JAX_FLASH_CUDA_SM90 is then defined for dispatch.cu).
+template <int kHeadDimClass, typename Element>
+Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& options,
+                           cudaStream_t stream);
+
 // The main backward kernel only: dq_accum must hold zeros and delta must be computed.
 template <int kHeadDimClass, typename Element>
 Status launch_backward_sm80(const AttentionParams& p, const BackwardWorkspace& workspace,

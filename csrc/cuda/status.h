@@ -22,6 +22,8 @@ class Status {
   static Status Unimplemented(std::string message) {
     return Status(Code::kUnimplemented, std::move(message));
   }
+  // Something failed that neither the caller nor the build can fix (a driver call).
+  static Status Internal(std::string message) { return Status(Code::kInternal, std::move(message)); }
   // Ok for cudaSuccess, else "<what>: <CUDA error name> (<description>)".
   static Status FromCuda(cudaError_t error, const char* what) {
     if (error == cudaSuccess) return Ok();

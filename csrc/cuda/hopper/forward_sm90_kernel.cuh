@@ -1,0 +1,319 @@
+// FlashAttention forward for Hopper (sm_90a): warp-specialized, wgmma + TMA.
+//
+// One CTA per 128 query rows of one (batch, head), three warpgroups:
+//   warpgroup 0, the producer: one thread issues bulk tensor copies of Q once and of K and
+//     V per key block into a kStages-deep ring of shared-memory stages; each copy
+//     completes on its stage's "full" mbarrier, and the thread waits on the stage's
+//     "empty" mbarrier before reusing it. It then gives most of its registers away.
+//   warpgroups 1 and 2, the consumers: 64 query rows each. S = Q Kᵀ and O += P V run on
+//     wgmma with K and V read from the swizzled stages (descriptors) and P straight from
+//     registers. Within a warpgroup, S of key block j is computed while O += P V of block
+//     j - 1 runs, so the softmax of block j overlaps that product; where it pays
+//     (Config::kPingPong) the two warpgroups take turns issuing their products, so that
+//     one's softmax fills the other's tensor-core time.
+// The masks, softcap and ALiBi are those of the sm80 kernel (scores.cuh), applied to the
+// same accumulator layout: wgmma's m64nN accumulators are, per warp, the m16n8 layout of a
+// 16-row tile.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/attention_params.h"
+#include "cuda/element.cuh"
+#include "cuda/fragments.cuh"
+#include "cuda/hopper/sm90_ptx.cuh"
+#include "cuda/hopper/wgmma_ops.cuh"
+#include "cuda/online_softmax.cuh"
+#include "cuda/ptx.cuh"
+#include "cuda/scores.cuh"
+#include "cuda/warp_mma.cuh"
+
+namespace jax_flash::cuda {
+
+// Tensor maps of Q, K and V, each seen as (head_dim, seqlen, heads, batch) with boxes of
+// 64 head-dim columns (one 128-byte swizzle span) by kBlockM (Q) or kBlockN (K, V) rows.
+struct Sm90ForwardMaps {
+  CUtensorMap q, k, v;
+};
+
+template <int kHeadDim_, int kBlockN_, int kStages_, bool kPingPong_>
+struct Sm90ForwardConfig {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = 128;  // two consumer warpgroups of 64 rows
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStages = kStages_;
+  static constexpr bool kPingPong = kPingPong_;
+  static constexpr int kConsumers = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kChunks = kHeadDim / 64;  // 64-column swizzle atoms across head_dim
+  static constexpr int kNTiles = kBlockN / 8;
+  static constexpr int kDTiles = kHeadDim / 8;
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kBarriers = 1 + 4 * kStages;  // q full; k/v full; k/v empty
+  // Tiles, barriers, and slack to align the tiles to 1024 bytes (the swizzle atom).
+  static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers + 1024;
+  // Registers per thread after reallocation: 128 * (producer + 2 * consumer) <= 64K.
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = 232;
+  static_assert(kHeadDim % 64 == 0 && kBlockN % 16 == 0 && kStages >= 2, "tile shape");
+  static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= 512, "register file");
+};
+
+template <class Config, typename Element, bool kHasWindow>
+__global__ void __launch_bounds__(Config::kThreads, 1)
+    forward_kernel_sm90(const __grid_constant__ AttentionParams p,
+                        const __grid_constant__ Sm90ForwardMaps maps) {
+  constexpr int kBlockM = Config::kBlockM, kBlockN = Config::kBlockN, kStages = Config::kStages;
+  constexpr int kHeadDim = Config::kHeadDim, kChunks = Config::kChunks;
+  constexpr int kNTiles = Config::kNTiles, kDTiles = Config::kDTiles;
+  constexpr bool kBF16 = ElementTraits<Element>::kIsBFloat16;
+  constexpr bool kPingPong = Config::kPingPong;
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t smem = (shared_address(smem_raw) + 1023u) & ~1023u;
+  // Each tile is kChunks column chunks of [rows][64] elements (128-byte rows, swizzled).
+  const uint32_t q_smem = smem;
+  auto k_smem = [&](int stage) { return smem + Config::kQBytes + 2 * stage * Config::kKVBytes; };
+  auto v_smem = [&](int stage) { return k_smem(stage) + Config::kKVBytes; };
+  const uint32_t barriers = smem + Config::kQBytes + 2 * kStages * Config::kKVBytes;
+  const uint32_t q_full = barriers;
+  auto k_full = [&](int stage) { return barriers + 8 * (1 + stage); };
+  auto v_full = [&](int stage) { return barriers + 8 * (1 + kStages + stage); };
+  auto k_empty = [&](int stage) { return barriers + 8 * (1 + 2 * kStages + stage); };
+  auto v_empty = [&](int stage) { return barriers + 8 * (1 + 3 * kStages + stage); };
+
+  // Query blocks of one (batch, head) are neighbours in launch order, so that the CTAs
+  // running at once share K and V in L2; within a head the longest blocks (with a causal
+  // mask, the last ones) go first.
+  const int num_m_blocks = static_cast<int>((p.seqlen_q + kBlockM - 1) / kBlockM);
+  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x) % num_m_blocks;
+  const int head_batch = static_cast<int>(blockIdx.x) / num_m_blocks;
+  const int head = head_batch % static_cast<int>(p.num_heads);
+  const int batch = head_batch / static_cast<int>(p.num_heads);
+  const int head_kv = head / static_cast<int>(p.num_heads / p.num_heads_kv);
+  const int seqlen_q = static_cast<int>(p.seqlen_q), head_dim = static_cast<int>(p.head_dim);
+  const int row0 = m_block * kBlockM;
+  const int valid_rows = min(kBlockM, seqlen_q - row0);
+  const int thread = threadIdx.x;
+
+  Element* out = static_cast<Element*>(p.out) + batch * p.out_strides.batch +
+                 row0 * p.out_strides.row + head * p.out_strides.head;
+  float* lse = p.lse + (batch * p.num_heads + head) * p.seqlen_q + row0;
+
+  const IndexRange keys = visible_keys(p, row0, row0 + valid_rows);
+  if (keys.empty()) {  // every row of this block is fully masked: out = 0, lse = +inf
+    for (int i = thread; i < valid_rows * head_dim; i += Config::kThreads)
+      out[(i / head_dim) * p.out_strides.row + i % head_dim] = ElementTraits<Element>::from_float(0.0f);
+    for (int i = thread; i < valid_rows; i += Config::kThreads) lse[i] = INFINITY;
+    return;
+  }
+  const int key_begin = static_cast<int>(keys.begin);
+  const int num_key_blocks = (static_cast<int>(keys.end) - key_begin + kBlockN - 1) / kBlockN;
+
+  if (thread == 0) {
+    sm90::mbarrier_init(q_full, 1);
+    for (int stage = 0; stage < kStages; ++stage) {
+      sm90::mbarrier_init(k_full(stage), 1);
+      sm90::mbarrier_init(v_full(stage), 1);
+      // One arrival per consumer warp.
+      sm90::mbarrier_init(k_empty(stage), 4 * Config::kConsumers);
+      sm90::mbarrier_init(v_empty(stage), 4 * Config::kConsumers);
+    }
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = thread / 128;
+  if (warpgroup == 0) {
+    sm90::registers_decrease<Config::kProducerRegisters>();
+    if (thread != 0) return;
+    sm90::prefetch_tensor_map(&maps.q);
+    sm90::prefetch_tensor_map(&maps.k);
+    sm90::prefetch_tensor_map(&maps.v);
+    sm90::mbarrier_arrive_expect_tx(q_full, Config::kQBytes);
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c)
+      sm90::tma_load_4d(q_smem + c * kBlockM * 128, &maps.q, q_full, 64 * c, row0, head, batch);
+    for (int block = 0; block < num_key_blocks; ++block) {
+      const int stage = block % kStages, use = block / kStages;
+      const int key0 = key_begin + block * kBlockN;
+      // K first: the consumers need K of a block one product earlier than its V.
+      if (use > 0) sm90::mbarrier_wait(k_empty(stage), (use - 1) & 1);
+      sm90::mbarrier_arrive_expect_tx(k_full(stage), Config::kKVBytes);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c)
+        sm90::tma_load_4d(k_smem(stage) + c * kBlockN * 128, &maps.k, k_full(stage), 64 * c, key0,
+                          head_kv, batch);
+      if (use > 0) sm90::mbarrier_wait(v_empty(stage), (use - 1) & 1);
+      sm90::mbarrier_arrive_expect_tx(v_full(stage), Config::kKVBytes);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c)
+        sm90::tma_load_4d(v_smem(stage) + c * kBlockN * 128, &maps.v, v_full(stage), 64 * c, key0,
+                          head_kv, batch);
+    }
+  } else {
+    // The consumers' body is the other branch of one if/else, which is what lets the
+    // compiler give it the registers setmaxnreg raises (a plain fall-through would keep it
+    // at the kernel's entry budget and spill).
+    sm90::registers_increase<Config::kConsumerRegisters>();
+
+  const int consumer = warpgroup - 1;
+  const int lane = thread & 31, warp_in_group = (thread >> 5) & 3;
+  const int group_row0 = 64 * consumer;                     // within the CTA's block
+  const int warp_row0 = group_row0 + 16 * warp_in_group;  // this warp's 16 rows
+  const int query0 = row0 + warp_row0;
+  const ScoreTransform transform = ScoreTransform::make(p, batch, head);
+  const KeyWindow window = KeyWindow::make(p);
+
+  float acc_o[1][kDTiles][4];
+  float acc_s[1][kNTiles][4];
+  uint32_t p_frag[kBlockN / 16][4];  // P of the previous block, as wgmma A fragments
+  zero(acc_o);
+  float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.0f, 0.0f}};
+
+  // Ping-pong: consumer c issues its products after named barrier 1 + c opens, then opens
+  // the other's. Consumer 1 lets consumer 0 go first.
+  auto take_turn = [&] {
+    if constexpr (kPingPong) sm90::named_barrier_sync(1 + consumer, 256);
+  };
+  auto pass_turn = [&](bool last) {
+    // Consumer 1's final pass is skipped so that every barrier phase is completed.
+    if constexpr (kPingPong)
+      if (!(last && consumer == 1)) sm90::named_barrier_arrive(2 - consumer, 256);
+  };
+  if constexpr (kPingPong)
+    if (consumer == 1) sm90::named_barrier_arrive(1, 256);
+
+  // Descriptors are a base plus a constant step per k-slice (the address field is the
+  // low bits; offsets never carry out of it). The base is made opaque per call so that the
+  // compiler does not hoist one 64-bit descriptor per slice out of the key loop, which
+  // would hold dozens of registers.
+  auto opaque = [](uint64_t value) {
+    asm volatile("" : "+l"(value));
+    return value;
+  };
+  auto issue_scores = [&](int stage) {
+    const uint64_t a0 = opaque(sm90::smem_descriptor(q_smem + group_row0 * 128, 16, 1024));
+    const uint64_t b0 = opaque(sm90::smem_descriptor(k_smem(stage), 16, 1024));
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      // 32 bytes into the 128-byte swizzled rows per slice, the next column chunk every 4.
+      const uint32_t column = (kk % 4) * 32;
+      const uint64_t a = a0 + (((kk / 4) * kBlockM * 128 + column) >> 4);
+      const uint64_t b = b0 + (((kk / 4) * kBlockN * 128 + column) >> 4);
+      wgmma_ss<kBlockN, kBF16>(&acc_s[0][0][0], a, b, kk > 0);
+    }
+    sm90::wgmma_commit();
+  };
+  auto issue_pv = [&](int stage) {
+    const uint64_t b0 = opaque(sm90::smem_descriptor(v_smem(stage), kBlockN * 128, 1024));
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+      wgmma_rs<kHeadDim, kBF16>(&acc_o[0][0][0], p_frag[kk], b0 + ((kk * 16 * 128) >> 4), 1);
+    sm90::wgmma_commit();
+  };
+  auto release = [&](uint32_t bar) {
+    __syncwarp();
+    if (lane == 0) sm90::mbarrier_arrive(bar);
+  };
+  // Softcap / ALiBi and the mask, then the probabilities (returned corrections not yet
+  // applied to O), packed as the A operand of the next O += P V.
+  auto softmax = [&](int block, float (&correction)[1][2]) {
+    const int key0 = key_begin + block * kBlockN;
+    if (!transform.plain) {
+      for_each_element(acc_s, lane, [&](float& s, int r, int c) {
+        float unused;
+        s = transform.apply(s, query0 + r, key0 + c, window.diagonal_offset, &unused);
+      });
+    }
+    if (window.tile_needs_mask<kHasWindow>(row0, row0 + valid_rows, key0, key0 + kBlockN)) {
+      for_each_element(acc_s, lane, [&](float& s, int r, int c) {
+        if (!window.visible<kHasWindow>(query0 + r, key0 + c)) s = -INFINITY;
+      });
+    }
+    online_softmax_probabilities(acc_s, row_max, row_sum, transform.exp_scale, correction);
+  };
+  auto pack_p = [&] {
+    using Traits = ElementTraits<Element>;
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      p_frag[kk][0] = Traits::pack(acc_s[0][2 * kk][0], acc_s[0][2 * kk][1]);
+      p_frag[kk][1] = Traits::pack(acc_s[0][2 * kk][2], acc_s[0][2 * kk][3]);
+      p_frag[kk][2] = Traits::pack(acc_s[0][2 * kk + 1][0], acc_s[0][2 * kk + 1][1]);
+      p_frag[kk][3] = Traits::pack(acc_s[0][2 * kk + 1][2], acc_s[0][2 * kk + 1][3]);
+    }
+  };
+
+  sm90::mbarrier_wait(q_full, 0);
+  {
+    float correction[1][2];
+    sm90::mbarrier_wait(k_full(0), 0);
+    take_turn();
+    issue_scores(0);
+    pass_turn(false);
+    sm90::wgmma_wait<0>();
+    sm90::fence_registers<kBlockN / 2>(&acc_s[0][0][0]);
+    release(k_empty(0));
+    softmax(0, correction);  // O is still zero: nothing to rescale
+    pack_p();
+  }
+  for (int block = 1; block < num_key_blocks; ++block) {
+    const int stage = block % kStages, previous = (block - 1) % kStages;
+    float correction[1][2];
+    sm90::mbarrier_wait(k_full(stage), (block / kStages) & 1);
+    take_turn();
+    issue_scores(stage);
+    sm90::mbarrier_wait(v_full(previous), ((block - 1) / kStages) & 1);
+    issue_pv(previous);
+    pass_turn(false);
+    sm90::wgmma_wait<1>();  // S of this block; O += P V of the previous one still runs
+    sm90::fence_registers<kBlockN / 2>(&acc_s[0][0][0]);
+    release(k_empty(stage));
+    softmax(block, correction);
+    sm90::wgmma_wait<0>();
+    sm90::fence_registers<kHeadDim / 2>(&acc_o[0][0][0]);
+    sm90::fence_registers<kBlockN / 4>(&p_frag[0][0]);
+    release(v_empty(previous));
+    rescale_rows(acc_o, correction);
+    pack_p();
+  }
+  {
+    const int last = (num_key_blocks - 1) % kStages;
+    sm90::mbarrier_wait(v_full(last), ((num_key_blocks - 1) / kStages) & 1);
+    take_turn();
+    issue_pv(last);
+    pass_turn(true);
+    sm90::wgmma_wait<0>();
+    sm90::fence_registers<kHeadDim / 2>(&acc_o[0][0][0]);
+    sm90::fence_registers<kBlockN / 4>(&p_frag[0][0]);
+  }
+
+  // Normalize, write lse (natural log; +inf for rows that saw no key) and O.
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float sum = quad_sum(row_sum[0][h]);
+    const bool empty = !(sum > 0.0f);
+    const float inv_sum = empty ? 0.0f : 1.0f / sum;
+#pragma unroll
+    for (int j = 0; j < kDTiles; ++j) {
+      acc_o[0][j][2 * h] *= inv_sum;
+      acc_o[0][j][2 * h + 1] *= inv_sum;
+    }
+    const int row = warp_row0 + g + 8 * h;
+    if (t == 0 && row < valid_rows)
+      lse[row] = empty ? INFINITY : row_max[0][h] * transform.exp_scale * kLn2 + logf(sum);
+  }
+  store_tile<Element>(acc_o, out + warp_row0 * p.out_strides.row, p.out_strides.row,
+                      valid_rows - warp_row0, head_dim, /*vectorized=*/true, lane);
+  }
+}
+
+}  // namespace jax_flash::cuda
