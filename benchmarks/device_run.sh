@@ -61,10 +61,10 @@ run_step() {
       # The forward grid with cuDNN and FlashAttention-3 (carried wheel, if installed), then
       # the sm80 kernel on the same GPU (JAX_FLASH_CUDA_SM90=0).
       (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims ${BENCH_HEAD_DIMS:-64 128 256} \
-        --seqlens ${BENCH_SEQLENS:-1024 2048 4096 8192 16384} --modes fwd --impls jax_flash cudnn fa3 \
+        --seqlens ${BENCH_SEQLENS:-1024 2048 4096 8192 16384} --modes ${BENCH_MODES:-fwd fwd_bwd} --impls jax_flash cudnn fa3 \
         --json "$OUT/bench_sm90.json") 2>&1 | tee "$OUT/bench_sm90.log"
       (cd /tmp && JAX_FLASH_CUDA_SM90=0 timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 \
-        --seqlens 4096 16384 --modes fwd --impls jax_flash --tag _sm80 --json "$OUT/bench_sm90_sm80.json") 2>&1 | grep "d=" | tee -a "$OUT/bench_sm90.log"
+        --seqlens 4096 16384 --modes ${BENCH_MODES:-fwd fwd_bwd} --impls jax_flash --tag _sm80 --json "$OUT/bench_sm90_sm80.json") 2>&1 | grep "d=" | tee -a "$OUT/bench_sm90.log"
       ;;
     gputests-kvcache)
       # flash_attn_with_kvcache's GPU tests, a step of their own (a long list).

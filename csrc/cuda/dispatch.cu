@@ -1,8 +1,8 @@
 // The one place that picks a kernel for a call: validates what the kernels assume, reads
 // the device's compute capability (once per device), and dispatches on architecture,
-// element type and head-dim class. Hopper (sm90) runs the wgmma forward where the build
-// has it and the call suits it (sm90_forward_eligible); everything else runs the sm80
-// kernels.
+// element type and head-dim class. Hopper (sm90) runs the wgmma kernels (the forward, and
+// the backward's main kernel at head dim 128) where the build has them and the call suits
+// them (sm90_eligible); everything else runs the sm80 kernels.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -173,6 +173,7 @@ Status launch_options(const AttentionParams& p, bool backward, Architecture* arc
   if (Status s = current_device_info(&device); !s.ok()) return s;
   if (Status s = architecture_of(device, architecture); !s.ok()) return s;
   options->vectorized = vectorizable(p, backward);
+  options->sm90 = *architecture == Architecture::kSm90;
   options->max_smem_per_block = device.max_smem_per_block;
   // Test aid: JAX_FLASH_CUDA_SMEM_LIMIT=<bytes> caps the shared memory the launchers may
   // use, so that the tile shapes chosen for GPUs with less of it (sm80, sm86/89) run and
@@ -213,22 +214,27 @@ Status forward_sm80(int d, const AttentionParams& p, const LaunchOptions& option
   });
 }
 
-// Whether the Hopper forward takes this call: built for the class, head_dim exactly the
-// class (the tensor maps read whole 64-column chunks), TMA-friendly layout (16-byte aligned
-// bases and strides: `vectorized`), keys to read, and no segment ids or dropout (those run
-// on the sm80 kernels). JAX_FLASH_CUDA_SM90=0 turns it off (comparisons, fallback tests).
-bool sm90_forward_eligible(int d, const AttentionParams& p, const LaunchOptions& options) {
-#ifdef JAX_FLASH_CUDA_SM90
+bool sm90_enabled() {
   static const bool enabled = [] {
     const char* value = std::getenv("JAX_FLASH_CUDA_SM90");
     return value == nullptr || value[0] != '0';
   }();
+  return enabled;
+}
+
+// Whether the Hopper kernels take this call: built for the class, head_dim exactly the
+// class (the tensor maps read whole 64-column chunks), TMA-friendly layout (16-byte aligned
+// bases and strides: `vectorized`), rows on both sides, and no segment ids or dropout
+// (those run on the sm80 kernels). JAX_FLASH_CUDA_SM90=0 turns them off (comparisons,
+// fallback tests). The backward exists for head dim 128 only.
+bool sm90_eligible(int d, const AttentionParams& p, const LaunchOptions& options, bool backward) {
+#ifdef JAX_FLASH_CUDA_SM90
   const int64_t m_blocks = (p.seqlen_q + 127) / 128;
-  return enabled && d >= 64 && p.head_dim == d && options.vectorized && p.seqlen_k > 0 &&
-         !p.has_segment_ids() && !p.has_dropout() &&
-         m_blocks * p.num_heads * p.batch <= std::numeric_limits<int32_t>::max();
+  return sm90_enabled() && d >= 64 && (!backward || d == 128) && p.head_dim == d &&
+         options.vectorized && p.seqlen_q > 0 && p.seqlen_k > 0 && !p.has_segment_ids() &&
+         !p.has_dropout() && m_blocks * p.num_heads * p.batch <= std::numeric_limits<int32_t>::max();
 #else
-  (void)d, (void)p, (void)options;
+  (void)d, (void)p, (void)options, (void)backward;
   return false;
 #endif
 }
@@ -253,9 +259,14 @@ Status forward_sm90(int d, const AttentionParams& p, const LaunchOptions& option
   return forward_sm80<Element>(d, p, options, stream);
 }
 
+// The backward's main kernel: Hopper's where it takes the call, else sm80's.
 template <typename Element>
-Status backward_sm80(int d, const AttentionParams& p, const BackwardWorkspace& workspace,
+Status backward_main(int d, const AttentionParams& p, const BackwardWorkspace& workspace,
                      const LaunchOptions& options, cudaStream_t stream) {
+#if defined(JAX_FLASH_CUDA_SM90) && defined(JAX_FLASH_CUDA_HDIM_128)
+  if (options.sm90 && sm90_eligible(d, p, options, /*backward=*/true))
+    return launch_backward_sm90<128, Element>(p, workspace, options, stream);
+#endif
   return with_head_dim_class(d, [&](auto head_dim_class) {
     return launch_backward_sm80<decltype(head_dim_class)::value, Element>(p, workspace, options,
                                                                          stream);
@@ -283,7 +294,7 @@ Status backward_all(int d, const AttentionParams& p, const BackwardWorkspace& wo
   }
   // Runs even when seqlen_q == 0: it is what writes dK = dV = 0 then.
   if (p.seqlen_k > 0) {
-    if (Status s = backward_sm80<Element>(d, p, workspace, options, stream); !s.ok()) return s;
+    if (Status s = backward_main<Element>(d, p, workspace, options, stream); !s.ok()) return s;
   }
   if (!has_rows) return Status::Ok();
   if (p.deterministic) return backward_dq_sm80<Element>(d, p, workspace, options, stream);
@@ -312,7 +323,7 @@ Status flash_forward(const AttentionParams& p_in, cudaStream_t stream) {
   Architecture architecture;
   LaunchOptions options;
   if (Status s = launch_options(p, /*backward=*/false, &architecture, &options); !s.ok()) return s;
-  if (architecture == Architecture::kSm90 && sm90_forward_eligible(d, p, options)) {
+  if (architecture == Architecture::kSm90 && sm90_eligible(d, p, options, /*backward=*/false)) {
     if (p.element_type == ElementType::kFloat16) return forward_sm90<__half>(d, p, options, stream);
     return forward_sm90<__nv_bfloat16>(d, p, options, stream);
   }

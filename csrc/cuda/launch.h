@@ -20,6 +20,7 @@ struct LaunchOptions {
   // a multiple of 8: tiles move in 16-byte cp.async chunks. Otherwise element by element.
   bool vectorized = true;
   int max_smem_per_block = 0;  // cudaDevAttrMaxSharedMemoryPerBlockOptin of the device
+  bool sm90 = false;           // compute capability 9.0: the sm_90a kernels can run
 };
 
 // Checks that a kernel's dynamic shared memory fits this GPU and raises the kernel's limit
@@ -56,6 +57,11 @@ Status launch_forward_sm80(const AttentionParams& p, const LaunchOptions& option
 template <int kHeadDimClass, typename Element>
 Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& options,
                            cudaStream_t stream);
+
+// The Hopper backward's main kernel (head dim 128), same contract as the sm80 one below.
+template <int kHeadDimClass, typename Element>
+Status launch_backward_sm90(const AttentionParams& p, const BackwardWorkspace& workspace,
+                            const LaunchOptions& options, cudaStream_t stream);
 
 // The main backward kernel only: dq_accum must hold zeros and delta must be computed.
 template <int kHeadDimClass, typename Element>

@@ -99,6 +99,12 @@ __device__ __forceinline__ uint64_t smem_descriptor(uint32_t address, uint32_t l
          (static_cast<uint64_t>(stride_bytes >> 4) << 32) | (uint64_t{1} << 62);
 }
 
+// Makes this thread's ordinary shared-memory stores visible to wgmma and the copy engine
+// (the async proxy); a barrier must follow before they read.
+__device__ __forceinline__ void fence_shared_for_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 // ---- warp specialization ----
 
 template <int kRegisters>

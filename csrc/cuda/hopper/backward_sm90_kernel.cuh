@@ -1,0 +1,319 @@
+// FlashAttention backward for Hopper (sm_90a), main kernel: warp-specialized, wgmma + TMA.
+// Same division of work as the sm80 kernel (backward_kernel.cuh): one CTA per (key block,
+// kv head, batch) keeps K and V in shared memory and dK, dV in registers, sweeps every
+// (query head of the GQA group, query block) that sees its keys, and adds dQ into the
+// float32 workspace with atomics (or leaves dQ to the deterministic pass).
+//
+// Warpgroup 0 is the producer: one thread copies K and V once, then Q and dO of each step
+// into a two-stage ring (TMA, mbarriers). Warpgroups 1 and 2 own 64 keys each; per step:
+//   Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (wgmma, both operands from shared memory);
+//   Pᵀ and dSᵀ = Pᵀ (dPᵀ - delta) (softcap') scale in registers (scores.cuh's element step);
+//   dV += Pᵀ dO and dK += dSᵀ Q with Pᵀ, dSᵀ straight from registers;
+//   dSᵀ also goes to shared memory, where both warpgroups' halves form the A operand of
+//   dQ = dS K; each warpgroup computes half of dQ's columns and adds it with atomics.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "common/attention_params.h"
+#include "cuda/element.cuh"
+#include "cuda/flash_api.h"
+#include "cuda/fragments.cuh"
+#include "cuda/hopper/sm90_ptx.cuh"
+#include "cuda/hopper/wgmma_ops.cuh"
+#include "cuda/ptx.cuh"
+#include "cuda/scores.cuh"
+#include "cuda/warp_mma.cuh"
+
+namespace jax_flash::cuda {
+
+// Q and dO seen as (head_dim, seqlen_q, heads, batch), boxes of 64 columns by kBlockM rows;
+// K and V as (head_dim, seqlen_k, heads_kv, batch), boxes of 64 columns by kBlockN rows.
+struct Sm90BackwardMaps {
+  CUtensorMap q, dout, k, v;
+};
+
+template <int kHeadDim_>
+struct Sm90BackwardConfig {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = 128;  // keys per CTA: two consumer warpgroups of 64
+  static constexpr int kBlockM = 64;   // queries per step
+  static constexpr int kStages = 2;
+  static constexpr int kConsumers = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kChunks = kHeadDim / 64;
+  static constexpr int kDTiles = kHeadDim / 8;
+  static constexpr int kQTiles = kBlockM / 8;  // 8-query column tiles of Sᵀ
+  static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kDsBytes = kBlockN * kBlockM * 2;  // dSᵀ, [key][query], one chunk wide
+  // lse and delta of a step, per consumer warpgroup and step parity.
+  static constexpr int kVectorBytes = 2 * kBlockM * 4;
+  static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full; Q/dO full and empty
+  static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kQBytes + 2 * kDsBytes +
+                                    2 * kConsumers * kVectorBytes + 8 * kBarriers + 1024;
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = 240;
+  static_assert(kHeadDim == 128, "dQ splits head_dim into one 64-column chunk per consumer");
+  static_assert(kBlockM == 64, "dSᵀ rows are one 128-byte swizzle span");
+  static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= 512, "register file");
+};
+
+template <class Config, typename Element, bool kHasWindow>
+__global__ void __launch_bounds__(Config::kThreads, 1)
+    backward_kernel_sm90(const __grid_constant__ AttentionParams p,
+                         const __grid_constant__ BackwardWorkspace workspace,
+                         const __grid_constant__ Sm90BackwardMaps maps) {
+  constexpr int kBlockM = Config::kBlockM, kBlockN = Config::kBlockN, kStages = Config::kStages;
+  constexpr int kHeadDim = Config::kHeadDim, kChunks = Config::kChunks;
+  constexpr int kDTiles = Config::kDTiles, kQTiles = Config::kQTiles;
+  constexpr bool kBF16 = ElementTraits<Element>::kIsBFloat16;
+  using Traits = ElementTraits<Element>;
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = shared_address(smem_raw);
+  const uint32_t smem = (raw + 1023u) & ~1023u;
+  // K and V as kChunks column chunks of [kBlockN][64]; per stage Q then dO as chunks of
+  // [kBlockM][64]; two dSᵀ buffers; lse/delta vectors; barriers.
+  const uint32_t k_smem = smem, v_smem = smem + Config::kKVBytes;
+  auto q_smem = [&](int stage) { return smem + 2 * Config::kKVBytes + 2 * stage * Config::kQBytes; };
+  auto do_smem = [&](int stage) { return q_smem(stage) + Config::kQBytes; };
+  const uint32_t ds_base = smem + 2 * Config::kKVBytes + 2 * kStages * Config::kQBytes;
+  auto ds_smem = [&](int buffer) { return ds_base + buffer * Config::kDsBytes; };
+  const uint32_t vectors = ds_base + 2 * Config::kDsBytes;
+  const uint32_t barriers = vectors + 2 * Config::kConsumers * Config::kVectorBytes;
+  const uint32_t kv_full = barriers;
+  auto full = [&](int stage) { return barriers + 8 * (1 + stage); };
+  auto empty = [&](int stage) { return barriers + 8 * (1 + kStages + stage); };
+
+  const int thread = threadIdx.x;
+  const int key_block = blockIdx.x, head_kv = blockIdx.y, batch = blockIdx.z;
+  const int seqlen_q = static_cast<int>(p.seqlen_q), seqlen_k = static_cast<int>(p.seqlen_k);
+  const int head_dim = static_cast<int>(p.head_dim);
+  const int group_size = static_cast<int>(p.num_heads / p.num_heads_kv);
+  const int key0 = key_block * kBlockN;
+  const int valid_keys = min(kBlockN, seqlen_k - key0);
+
+  const IndexRange queries = visible_queries(p, key0, key0 + valid_keys);
+  const int query_begin = static_cast<int>(queries.begin);
+  const int blocks_per_head =
+      queries.empty() ? 0 : (static_cast<int>(queries.end) - query_begin + kBlockM - 1) / kBlockM;
+  const int num_steps = group_size * blocks_per_head;
+  // Step i covers query head head_kv * group_size + i / blocks_per_head, query block
+  // i % blocks_per_head.
+  auto step_head = [&](int step) { return head_kv * group_size + step / blocks_per_head; };
+  auto step_query0 = [&](int step) { return query_begin + (step % blocks_per_head) * kBlockM; };
+
+  if (thread == 0) {
+    sm90::mbarrier_init(kv_full, 1);
+    for (int stage = 0; stage < kStages; ++stage) {
+      sm90::mbarrier_init(full(stage), 1);
+      sm90::mbarrier_init(empty(stage), 4 * Config::kConsumers);  // one per consumer warp
+    }
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = thread / 128;
+  if (warpgroup == 0) {
+    sm90::registers_decrease<Config::kProducerRegisters>();
+    if (thread == 0 && num_steps > 0) {
+      sm90::prefetch_tensor_map(&maps.q);
+      sm90::prefetch_tensor_map(&maps.dout);
+      sm90::mbarrier_arrive_expect_tx(kv_full, 2 * Config::kKVBytes);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        sm90::tma_load_4d(k_smem + c * kBlockN * 128, &maps.k, kv_full, 64 * c, key0, head_kv, batch);
+        sm90::tma_load_4d(v_smem + c * kBlockN * 128, &maps.v, kv_full, 64 * c, key0, head_kv, batch);
+      }
+      for (int step = 0; step < num_steps; ++step) {
+        const int stage = step % kStages, use = step / kStages;
+        const int head = step_head(step), query0 = step_query0(step);
+        if (use > 0) sm90::mbarrier_wait(empty(stage), (use - 1) & 1);
+        sm90::mbarrier_arrive_expect_tx(full(stage), 2 * Config::kQBytes);
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c) {
+          sm90::tma_load_4d(q_smem(stage) + c * kBlockM * 128, &maps.q, full(stage), 64 * c, query0,
+                            head, batch);
+          sm90::tma_load_4d(do_smem(stage) + c * kBlockM * 128, &maps.dout, full(stage), 64 * c,
+                            query0, head, batch);
+        }
+      }
+    }
+  } else {
+    // The consumers are the other branch of one if/else so that setmaxnreg's registers
+    // reach them (see forward_sm90_kernel.cuh).
+    sm90::registers_increase<Config::kConsumerRegisters>();
+    const int consumer = warpgroup - 1;
+    const int group_thread = thread & 127, lane = thread & 31, warp_in_group = group_thread >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int key_row0 = 64 * consumer;                     // within the CTA's key block
+    const int warp_key0 = key_row0 + 16 * warp_in_group;  // this warp's 16 keys (rows)
+    const KeyWindow window = KeyWindow::make(p);
+    // Generic pointers to this warpgroup's lse/delta buffers (two, by step parity).
+    float* vector_base = reinterpret_cast<float*>(smem_raw + (vectors - raw)) +
+                         consumer * 2 * (Config::kVectorBytes / 4);
+
+    float acc_dv[1][kDTiles][4], acc_dk[1][kDTiles][4];
+    zero(acc_dv);
+    zero(acc_dk);
+
+    auto opaque = [](uint64_t value) {
+      asm volatile("" : "+l"(value));
+      return value;
+    };
+    // acc (keys x queries) = rows of `kv` (this warpgroup's keys) times the step's rows of `qd`.
+    auto issue_keys_by_queries = [&](float* acc, uint32_t kv, uint32_t qd) {
+      const uint64_t a0 = opaque(sm90::smem_descriptor(kv + key_row0 * 128, 16, 1024));
+      const uint64_t b0 = opaque(sm90::smem_descriptor(qd, 16, 1024));
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const uint32_t column = (kk % 4) * 32;
+        wgmma_ss<kBlockM, kBF16>(acc, a0 + (((kk / 4) * kBlockN * 128 + column) >> 4),
+                                 b0 + (((kk / 4) * kBlockM * 128 + column) >> 4), kk > 0);
+      }
+    };
+    // acc (keys x head_dim) += a (keys x queries, registers) times the step's rows of `qd`.
+    auto issue_accumulate = [&](float* acc, const uint32_t (&a)[kBlockM / 16][4], uint32_t qd) {
+      const uint64_t b0 = opaque(sm90::smem_descriptor(qd, kBlockM * 128, 1024));
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk)
+        wgmma_rs<kHeadDim, kBF16>(acc, a[kk], b0 + ((kk * 16 * 128) >> 4), 1);
+    };
+
+    if (num_steps > 0) sm90::mbarrier_wait(kv_full, 0);
+    for (int step = 0; step < num_steps; ++step) {
+      const int stage = step % kStages, parity = step & 1;
+      const int head = step_head(step), query0 = step_query0(step);
+
+      // lse (log2 units) and delta of the step's queries into this warpgroup's buffer; rows
+      // past seqlen_q get 0, and with their zero Q and dO rows contribute exactly zero.
+      float* lse_log2 = vector_base + parity * 2 * kBlockM;
+      float* delta = lse_log2 + kBlockM;
+      {
+        const int64_t row_offset = (batch * p.num_heads + head) * p.seqlen_q + query0;
+        const int i = group_thread % kBlockM;
+        const bool valid = query0 + i < seqlen_q;
+        if (group_thread < kBlockM)
+          lse_log2[i] = valid ? p.lse[row_offset + i] * kLog2e : 0.0f;
+        else
+          delta[i] = valid ? workspace.delta[row_offset + i] : 0.0f;
+      }
+      sm90::named_barrier_sync(2 + consumer, 128);
+
+      sm90::mbarrier_wait(full(stage), (step / kStages) & 1);
+      float acc_s[1][kQTiles][4], acc_dp[1][kQTiles][4];
+      sm90::wgmma_fence();
+      issue_keys_by_queries(&acc_s[0][0][0], k_smem, q_smem(stage));
+      issue_keys_by_queries(&acc_dp[0][0][0], v_smem, do_smem(stage));
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers<kBlockM / 2>(&acc_s[0][0][0]);
+      sm90::fence_registers<kBlockM / 2>(&acc_dp[0][0][0]);
+
+      // Pᵀ into acc_s and dSᵀ into acc_dp; most tiles take the short path with no index
+      // arithmetic (a uniform branch per step).
+      const ScoreTransform transform = ScoreTransform::make(p, batch, head);
+      const bool masked = window.tile_needs_mask<kHasWindow>(
+          query0, min(query0 + kBlockM, seqlen_q), key0, key0 + kBlockN);
+      auto probabilities_and_grads = [&](auto general_tag) {
+        constexpr bool kGeneral = decltype(general_tag)::value;
+#pragma unroll
+        for (int j = 0; j < kQTiles; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int key = key0 + warp_key0 + g + 8 * (c >> 1);
+            const int column = 8 * j + 2 * t + (c & 1);
+            const float2 pg = probability_and_grad<kGeneral, kHasWindow>(
+                acc_s[0][j][c], acc_dp[0][j][c], lse_log2[column], delta[column], transform,
+                window, masked, false, query0 + column, key);
+            acc_s[0][j][c] = pg.x;
+            acc_dp[0][j][c] = pg.y;
+          }
+      };
+      if (transform.plain && !masked) {
+        probabilities_and_grads(std::false_type{});
+      } else {
+        probabilities_and_grads(std::true_type{});
+      }
+      uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          // Registers 0-3: (row g, k 0-7), (row g+8, k 0-7), (row g, k 8-15), (row g+8, k 8-15).
+          const int j = 2 * kk + (r >> 1), c = 2 * (r & 1);
+          p_frag[kk][r] = Traits::pack(acc_s[0][j][c], acc_s[0][j][c + 1]);
+          ds_frag[kk][r] = Traits::pack(acc_dp[0][j][c], acc_dp[0][j][c + 1]);
+        }
+      // dSᵀ to shared memory in the 128-byte swizzled layout (row = key, 64 queries of 2
+      // bytes per row; 16-byte units XORed with the row's index within its group of 8).
+      const uint32_t ds = ds_smem(parity);
+#pragma unroll
+      for (int j = 0; j < kQTiles; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = warp_key0 + g + 8 * h;
+          const int byte = (8 * j + 2 * t) * 2;
+          const uint32_t address = ds + row * 128 + ((((byte >> 4) ^ (row & 7))) << 4) + (byte & 15);
+          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(address),
+                       "r"(ds_frag[j / 2][2 * (j & 1) + h]));
+        }
+      sm90::fence_shared_for_async();
+      sm90::named_barrier_sync(1, 256);  // both halves of dSᵀ are written
+
+      sm90::wgmma_fence();
+      issue_accumulate(&acc_dv[0][0][0], p_frag, do_smem(stage));
+      issue_accumulate(&acc_dk[0][0][0], ds_frag, q_smem(stage));
+      sm90::wgmma_commit();
+      // Waiting here, before dQ's product, frees Pᵀ and dSᵀ's registers for dQ's
+      // accumulators (kept alive across it, the three products spilled).
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers<kHeadDim / 2>(&acc_dv[0][0][0]);
+      sm90::fence_registers<kHeadDim / 2>(&acc_dk[0][0][0]);
+      sm90::fence_registers<kBlockM / 4>(&p_frag[0][0]);
+      sm90::fence_registers<kBlockM / 4>(&ds_frag[0][0]);
+      __syncwarp();
+      if (lane == 0) sm90::mbarrier_arrive(empty(stage));  // Q and dO of this stage are free
+      if (!p.deterministic) {
+        // dQ[:, half] = dS K[:, half]: A is dSᵀ read query-major, B is K read column-major,
+        // both transposed in the descriptors (the 64 columns of this consumer's half are
+        // one chunk of the K tile).
+        float acc_dq[1][kDTiles / 2][4];
+        const uint64_t a0 = opaque(sm90::smem_descriptor(ds, 8192, 1024));
+        const uint64_t b0 = opaque(sm90::smem_descriptor(k_smem + consumer * kBlockN * 128,
+                                                         kBlockN * 128, 1024));
+        sm90::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk)
+          wgmma_ss<kHeadDim / 2, kBF16, 1, 1>(&acc_dq[0][0][0], a0 + ((kk * 16 * 128) >> 4),
+                                              b0 + ((kk * 16 * 128) >> 4), kk > 0);
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_registers<kHeadDim / 4>(&acc_dq[0][0][0]);
+        const int warp_query0 = query0 + 16 * warp_in_group;
+        float* dq_accum = workspace.dq_accum +
+                          ((batch * p.num_heads + head) * p.seqlen_q + warp_query0) * p.head_dim +
+                          consumer * (kHeadDim / 2);
+        atomic_add_tile(acc_dq, dq_accum, head_dim, seqlen_q - warp_query0, kHeadDim / 2,
+                        /*pairs_aligned=*/true, lane);
+      }
+    }
+
+    // dK and dV of this warp's keys, summed over the group; zero if no query sees them.
+    const int rows = valid_keys - warp_key0;
+    Element* dk = static_cast<Element*>(p.dk) + batch * p.k_strides.batch +
+                  (key0 + warp_key0) * p.k_strides.row + head_kv * p.k_strides.head;
+    Element* dv = static_cast<Element*>(p.dv) + batch * p.v_strides.batch +
+                  (key0 + warp_key0) * p.v_strides.row + head_kv * p.v_strides.head;
+    store_tile<Element>(acc_dk, dk, p.k_strides.row, rows, head_dim, /*vectorized=*/true, lane);
+    store_tile<Element>(acc_dv, dv, p.v_strides.row, rows, head_dim, /*vectorized=*/true, lane);
+  }
+}
+
+}  // namespace jax_flash::cuda

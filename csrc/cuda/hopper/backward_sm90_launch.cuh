@@ -1,0 +1,52 @@
+// Host-side launch of the Hopper backward's main kernel (head dim 128): tensor maps,
+// shared-memory limit, grid. Included by the sm90 backward instantiation files only;
+// dispatch.cu has checked the call suits it (sm90_backward_eligible) and runs the
+// preprocessing and dQ conversion (or the deterministic dQ pass) around it.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <string>
+
+#include "cuda/hopper/backward_sm90_kernel.cuh"
+#include "cuda/hopper/tensor_map.h"
+#include "cuda/launch.h"
+
+namespace jax_flash::cuda {
+
+template <int kHeadDimClass, typename Element>
+Status launch_backward_sm90(const AttentionParams& p, const BackwardWorkspace& workspace,
+                            const LaunchOptions& options, cudaStream_t stream) {
+  using Config = Sm90BackwardConfig<kHeadDimClass>;
+  Sm90BackwardMaps maps;
+  const struct {
+    CUtensorMap* map;
+    const void* base;
+    int64_t seqlen, heads;
+    const TensorStrides& strides;
+    int box_rows;
+  } operands[] = {
+      {&maps.q, p.q, p.seqlen_q, p.num_heads, p.q_strides, Config::kBlockM},
+      {&maps.dout, p.dout, p.seqlen_q, p.num_heads, p.out_strides, Config::kBlockM},
+      {&maps.k, p.k, p.seqlen_k, p.num_heads_kv, p.k_strides, Config::kBlockN},
+      {&maps.v, p.v, p.seqlen_k, p.num_heads_kv, p.v_strides, Config::kBlockN},
+  };
+  for (const auto& operand : operands)
+    if (Status s = encode_tensor_map(operand.map, operand.base, p.element_type, p.head_dim,
+                                     operand.seqlen, operand.heads, p.batch, operand.strides,
+                                     operand.box_rows);
+        !s.ok())
+      return s;
+  auto kernel = p.has_window() ? backward_kernel_sm90<Config, Element, true>
+                               : backward_kernel_sm90<Config, Element, false>;
+  if (Status s = allow_shared_memory(kernel, Config::kSmemBytes, options,
+                                     "head_dim " + std::to_string(kHeadDimClass) + " sm90 backward");
+      !s.ok())
+    return s;
+  const dim3 grid(static_cast<unsigned>((p.seqlen_k + Config::kBlockN - 1) / Config::kBlockN),
+                  static_cast<unsigned>(p.num_heads_kv), static_cast<unsigned>(p.batch));
+  kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(p, workspace, maps);
+  return Status::FromCuda(cudaGetLastError(), "launching the sm90 backward kernel");
+}
+
+}  // namespace jax_flash::cuda
