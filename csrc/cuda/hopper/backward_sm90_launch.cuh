@@ -31,6 +31,13 @@ Status launch_backward_sm90(const AttentionParams& p, const BackwardWorkspace& w
       {&maps.k, p.k, p.seqlen_k, p.num_heads_kv, p.k_strides, Config::kBlockN},
       {&maps.v, p.v, p.seqlen_k, p.num_heads_kv, p.v_strides, Config::kBlockN},
   };
+  const TensorStrides dq_strides{p.num_heads * p.seqlen_q * p.head_dim, p.head_dim,
+                                 p.seqlen_q * p.head_dim};
+  if (Status s = encode_tensor_map(&maps.dq, workspace.dq_accum, CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+                                   4, p.head_dim, p.seqlen_q, p.num_heads, p.batch, dq_strides,
+                                   Config::kBlockM);
+      !s.ok())
+    return s;
   for (const auto& operand : operands)
     if (Status s = encode_tensor_map(operand.map, operand.base, p.element_type, p.head_dim,
                                      operand.seqlen, operand.heads, p.batch, operand.strides,

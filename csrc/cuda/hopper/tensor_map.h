@@ -1,6 +1,6 @@
-// Host side of the bulk tensor copies: a tensor map describing one BSHD operand as the 4-d
-// tensor (head_dim, seqlen, heads, batch), read in boxes of 64 head-dim columns (one
-// 128-byte swizzle span) by `box_rows` rows. The driver's encoder is looked up through the
+// Host side of the bulk tensor copies: a tensor map describing one BSHD operand (or the
+// backward's float32 dQ accumulator) as the 4-d tensor (head_dim, seqlen, heads, batch),
+// moved in boxes of one 128-byte swizzle span of head-dim columns by `box_rows` rows. The driver's encoder is looked up through the
 // runtime, so the extension does not link libcuda.
 #pragma once
 
@@ -16,9 +16,11 @@
 
 namespace jax_flash::cuda {
 
-inline Status encode_tensor_map(CUtensorMap* map, const void* base, ElementType element_type,
-                                int64_t head_dim, int64_t seqlen, int64_t heads, int64_t batch,
-                                const TensorStrides& strides, int box_rows) {
+// `element_bytes` per element of `data_type`; the box is `box_cols` innermost elements (one
+// 128-byte swizzle span: 64 16-bit or 32 float32 values) by `box_rows` rows.
+inline Status encode_tensor_map(CUtensorMap* map, const void* base, CUtensorMapDataType data_type,
+                                int element_bytes, int64_t head_dim, int64_t seqlen, int64_t heads,
+                                int64_t batch, const TensorStrides& strides, int box_rows) {
   static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* function = nullptr;
     cudaDriverEntryPointQueryResult found{};
@@ -30,25 +32,32 @@ inline Status encode_tensor_map(CUtensorMap* map, const void* base, ElementType 
   }();
   if (encode == nullptr)
     return Status::Unimplemented("jax_flash CUDA: the driver has no cuTensorMapEncodeTiled");
-  constexpr int64_t kBytes = 2;  // float16 / bfloat16
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(seqlen),
                               static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
-  const cuuint64_t byte_strides[3] = {static_cast<cuuint64_t>(strides.row * kBytes),
-                                      static_cast<cuuint64_t>(strides.head * kBytes),
-                                      static_cast<cuuint64_t>(strides.batch * kBytes)};
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint64_t byte_strides[3] = {static_cast<cuuint64_t>(strides.row * element_bytes),
+                                      static_cast<cuuint64_t>(strides.head * element_bytes),
+                                      static_cast<cuuint64_t>(strides.batch * element_bytes)};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(128 / element_bytes),
+                             static_cast<cuuint32_t>(box_rows), 1, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  const CUresult result = encode(
-      map,
-      element_type == ElementType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
-                                             : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-      4, const_cast<void*>(base), dims, byte_strides, box, element_strides,
-      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult result = encode(map, data_type, 4, const_cast<void*>(base), dims, byte_strides, box,
+                                 element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                 CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (result != CUDA_SUCCESS)
     return Status::Internal("jax_flash CUDA: cuTensorMapEncodeTiled failed with error " +
                             std::to_string(static_cast<int>(result)));
   return Status::Ok();
+}
+
+// A BSHD operand of the call's 16-bit element type.
+inline Status encode_tensor_map(CUtensorMap* map, const void* base, ElementType element_type,
+                                int64_t head_dim, int64_t seqlen, int64_t heads, int64_t batch,
+                                const TensorStrides& strides, int box_rows) {
+  return encode_tensor_map(map, base,
+                           element_type == ElementType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16
+                                                                  : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                           2, head_dim, seqlen, heads, batch, strides, box_rows);
 }
 
 }  // namespace jax_flash::cuda
