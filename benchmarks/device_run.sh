@@ -4,7 +4,7 @@
 # Steps are arguments, each optionally with a time limit in seconds (step:seconds):
 #   bash benchmarks/device_run.sh build gputests:300 memcheck:120 bench-quick
 # Steps: build sass cputests gputests gputests-sm90 gputests-kvcache memcheck bench bench-quick bench-ring bench-packed
-# bench-sm90 bench-kvcache examples. (Register and spill counts
+# bench-sm90 bench-grid bench-kvcache examples. (Register and spill counts
 # need no GPU: nvcc -Xptxas -v on an instantiation file, here.)
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
@@ -94,6 +94,16 @@ run_step() {
       # ring_attention on a one-device mesh against the plain op, same run, d128.
       (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 --seqlens 2048 8192 16384 \
         --impls jax_flash ring_1dev cudnn --json "$OUT/bench_ring.json") 2>&1 | tee "$OUT/bench_ring.log"
+      ;;
+    bench-grid)
+      # The grid of ../shared/ANCHORS.md (fwd and fwd+bwd) with cuDNN and FlashAttention-3
+      # (carried wheel) in the same run, then the sm80 kernels on two points.
+      for spec in "128:1024 2048 4096 8192 16384" "64:2048 8192" "256:2048 8192"; do
+        (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims ${spec%%:*} \
+          --seqlens ${spec#*:} --impls jax_flash cudnn fa3 --json "$OUT/bench_grid_d${spec%%:*}.json") 2>&1 | grep -E "device|d=" | tee -a "$OUT/bench_grid.log"
+      done
+      (cd /tmp && JAX_FLASH_CUDA_SM90=0 timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 \
+        --seqlens 4096 16384 --impls jax_flash --tag _sm80 --json "$OUT/bench_grid_sm80.json") 2>&1 | grep "d=" | tee -a "$OUT/bench_grid.log"
       ;;
     bench-kvcache)
       (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_kvcache.py" --json "$OUT/bench_kvcache.json") 2>&1 | tee "$OUT/bench_kvcache.log"

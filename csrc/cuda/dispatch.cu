@@ -229,8 +229,11 @@ bool sm90_enabled() {
 // fallback tests). The backward exists for head dim 128 only.
 bool sm90_eligible(int d, const AttentionParams& p, const LaunchOptions& options, bool backward) {
 #ifdef JAX_FLASH_CUDA_SM90
+  // Every Hopper kernel fits in 200 KB; a smaller limit is JAX_FLASH_CUDA_SMEM_LIMIT making
+  // this GPU stand in for an older one, whose kernels are the sm80 ones.
+  constexpr int kSm90SmemBytes = 200 * 1024;
   const int64_t m_blocks = (p.seqlen_q + 127) / 128;
-  return sm90_enabled() && d >= 64 && (!backward || d == 128) && p.head_dim == d &&
+  return sm90_enabled() && options.max_smem_per_block >= kSm90SmemBytes && d >= 64 && (!backward || d == 128) && p.head_dim == d &&
          options.vectorized && p.seqlen_q > 0 && p.seqlen_k > 0 && !p.has_segment_ids() &&
          !p.has_dropout() && m_blocks * p.num_heads * p.batch <= std::numeric_limits<int32_t>::max();
 #else
