@@ -16,7 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"jax_flash": "tab:red", "cudnn": "tab:blue", "xla": "tab:gray"}
+COLORS = {"jax_flash": "tab:red", "jax_flash_sm80": "tab:orange", "cudnn": "tab:blue", "fa3": "tab:green",
+          "xla": "tab:gray"}
 
 
 def main(source, target):
