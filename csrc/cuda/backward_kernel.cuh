@@ -26,6 +26,7 @@
 
 #include "common/attention_params.h"
 #include "cuda/dropout.cuh"
+#include "cuda/backward_steps.cuh"
 #include "cuda/element.cuh"
 #include "cuda/fragments.cuh"
 #include "cuda/flash_api.h"
@@ -138,17 +139,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   if (kDropout && !queries.empty()) queries.begin &= ~int64_t{15};
   auto q_ids = [&] { return p.q_segment_ids + batch * p.seqlen_q; };
   auto kv_ids = [&] { return p.kv_segment_ids + batch * p.seqlen_k + key0; };
-  const int query_begin = static_cast<int>(queries.begin);
-  const int blocks_per_head =
-      queries.empty() ? 0 : (static_cast<int>(queries.end) - query_begin + kBlockM - 1) / kBlockM;
-  const int num_steps = group_size * blocks_per_head;
-
-  // Step i covers query head head_kv * group_size + i / blocks_per_head, query block
-  // i % blocks_per_head.
-  auto step_head = [&](int step) { return head_kv * group_size + step / blocks_per_head; };
-  auto step_query0 = [&](int step) { return query_begin + (step % blocks_per_head) * kBlockM; };
+  const QuerySteps<kBlockM> steps = QuerySteps<kBlockM>::make(queries, head_kv, group_size);
+  const int num_steps = steps.count;
   auto load_step = [&](int step, int s) {
-    const int head = step_head(step), query0 = step_query0(step);
+    const int head = steps.head(step), query0 = steps.query0(step);
     const int rows = min(kBlockM, seqlen_q - query0);
     const Element* q = static_cast<const Element*>(p.q) + batch * p.q_strides.batch +
                        query0 * p.q_strides.row + head * p.q_strides.head;
@@ -207,7 +201,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 
   for (int step = 0; step < num_steps; ++step) {
     const int s = Config::kStages == 2 ? (step & 1) : 0;
-    const int head = step_head(step), query0 = step_query0(step);
+    const int head = steps.head(step), query0 = steps.query0(step);
     // Step `step` has landed and every warp is done with the previous step's buffers
     // (including Pᵀ and dSᵀ, which phase A below overwrites).
     cp_async_wait<0>();

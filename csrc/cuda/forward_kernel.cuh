@@ -107,9 +107,8 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
   auto q_ids = [&] { return p.q_segment_ids + batch * p.seqlen_q + row0; };
   auto kv_ids = [&] { return p.kv_segment_ids + batch * p.seqlen_k; };
   if (keys.empty()) {  // every row of this block is fully masked: out = 0, lse = +inf
-    for (int i = thread; i < valid_rows * head_dim; i += Config::kThreads)
-      out[(i / head_dim) * p.out_strides.row + i % head_dim] = ElementTraits<Element>::from_float(0.0f);
-    for (int i = thread; i < valid_rows; i += Config::kThreads) lse[i] = INFINITY;
+    store_fully_masked_rows<Config::kThreads>(out, p.out_strides.row, lse, valid_rows, head_dim,
+                                              thread);
     return;
   }
   const int key_begin = static_cast<int>(keys.begin);
@@ -198,17 +197,8 @@ __global__ void __launch_bounds__(Config::kThreads, Config::kMinBlocksPerSm)
                                           shared_address(k_smem(stage)), 0, lane);
 
     const int query0 = row0 + warp_row0;
-    if (!transform.plain) {
-      for_each_element(acc_s, lane, [&](float& s, int r, int c) {
-        float unused;
-        s = transform.apply(s, query0 + r, key0 + c, window.diagonal_offset, &unused);
-      });
-    }
-    if (window.tile_needs_mask<kHasWindow>(row0, row0 + valid_rows, key0, key0 + kBlockN)) {
-      for_each_element(acc_s, lane, [&](float& s, int r, int c) {
-        if (!window.visible<kHasWindow>(query0 + r, key0 + c)) s = -INFINITY;
-      });
-    }
+    transform_and_mask<kHasWindow>(acc_s, transform, window, row0, row0 + valid_rows, query0, key0,
+                                   lane);
     // After the transform, which would turn -inf into a finite score.
     if (has_segments) {
       // Ids differ somewhere between the warp's rows and the block's keys: compare each.

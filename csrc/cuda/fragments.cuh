@@ -1,6 +1,7 @@
 // Walking and storing mma accumulator fragments (see warp_mma.cuh for the layout).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "cuda/element.cuh"
@@ -50,6 +51,17 @@ __device__ __forceinline__ void store_tile(const float (&acc)[kMTiles][kNTiles][
         }
       }
     }
+}
+
+// The result of query rows that see no key at all: out = 0 and lse = +inf, written by the
+// CTA's kThreads threads (rows [0, valid_rows) from `out` and `lse`).
+template <int kThreads, typename Element>
+__device__ __forceinline__ void store_fully_masked_rows(Element* out, int64_t row_stride,
+                                                        float* lse, int valid_rows, int head_dim,
+                                                        int thread) {
+  for (int i = thread; i < valid_rows * head_dim; i += kThreads)
+    out[(i / head_dim) * row_stride + i % head_dim] = ElementTraits<Element>::from_float(0.0f);
+  for (int i = thread; i < valid_rows; i += kThreads) lse[i] = INFINITY;
 }
 
 // Atomically adds a warp tile of accumulators into a float32 matrix whose element at the

@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "common/attention_params.h"
+#include "cuda/fragments.cuh"
 #include "cuda/ptx.cuh"
 
 namespace jax_flash::cuda {
@@ -93,6 +94,27 @@ struct KeyWindow {
     return false;
   }
 };
+
+// The forward's scores of one warp tile (mma accumulator layout, rows from query0, keys from
+// key0): softcap / ALiBi where the call has them, then -inf outside the window, the latter
+// only on tiles whose block (queries [block_q0, block_q1)) meets the window's edge.
+template <bool kHasWindow, int kMTiles, int kNTiles>
+__device__ __forceinline__ void transform_and_mask(float (&acc_s)[kMTiles][kNTiles][4],
+                                                   const ScoreTransform& transform,
+                                                   const KeyWindow& window, int block_q0,
+                                                   int block_q1, int query0, int key0, int lane) {
+  if (!transform.plain) {
+    for_each_element(acc_s, lane, [&](float& s, int r, int c) {
+      float unused;
+      s = transform.apply(s, query0 + r, key0 + c, window.diagonal_offset, &unused);
+    });
+  }
+  if (window.tile_needs_mask<kHasWindow>(block_q0, block_q1, key0, key0 + 8 * kNTiles)) {
+    for_each_element(acc_s, lane, [&](float& s, int r, int c) {
+      if (!window.visible<kHasWindow>(query0 + r, key0 + c)) s = -INFINITY;
+    });
+  }
+}
 
 // The backward's step for one element, shared by the key-block kernel and the deterministic
 // dQ pass: the score (transformed and masked in the general path only), P = exp(score - lse)

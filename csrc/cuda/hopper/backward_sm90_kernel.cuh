@@ -23,6 +23,7 @@
 #include <type_traits>
 
 #include "common/attention_params.h"
+#include "cuda/backward_steps.cuh"
 #include "cuda/element.cuh"
 #include "cuda/flash_api.h"
 #include "cuda/fragments.cuh"
@@ -108,14 +109,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int valid_keys = min(kBlockN, seqlen_k - key0);
 
   const IndexRange queries = visible_queries(p, key0, key0 + valid_keys);
-  const int query_begin = static_cast<int>(queries.begin);
-  const int blocks_per_head =
-      queries.empty() ? 0 : (static_cast<int>(queries.end) - query_begin + kBlockM - 1) / kBlockM;
-  const int num_steps = group_size * blocks_per_head;
-  // Step i covers query head head_kv * group_size + i / blocks_per_head, query block
-  // i % blocks_per_head.
-  auto step_head = [&](int step) { return head_kv * group_size + step / blocks_per_head; };
-  auto step_query0 = [&](int step) { return query_begin + (step % blocks_per_head) * kBlockM; };
+  const QuerySteps<kBlockM> steps = QuerySteps<kBlockM>::make(queries, head_kv, group_size);
+  const int num_steps = steps.count;
 
   if (thread == 0) {
     sm90::mbarrier_init(kv_full, 1);
@@ -141,7 +136,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       }
       for (int step = 0; step < num_steps; ++step) {
         const int stage = step % kStages, use = step / kStages;
-        const int head = step_head(step), query0 = step_query0(step);
+        const int head = steps.head(step), query0 = steps.query0(step);
         if (use > 0) sm90::mbarrier_wait(empty(stage), (use - 1) & 1);
         sm90::mbarrier_arrive_expect_tx(full(stage), 2 * Config::kQBytes);
 #pragma unroll
@@ -171,10 +166,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     zero(acc_dv);
     zero(acc_dk);
 
-    auto opaque = [](uint64_t value) {
-      asm volatile("" : "+l"(value));
-      return value;
-    };
+    using sm90::opaque;
     // acc (keys x queries) = rows of `kv` (this warpgroup's keys) times the step's rows of `qd`.
     auto issue_keys_by_queries = [&](float* acc, uint32_t kv, uint32_t qd) {
       const uint64_t a0 = opaque(sm90::smem_descriptor(kv + key_row0 * 128, 16, 1024));
@@ -197,7 +189,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     if (num_steps > 0) sm90::mbarrier_wait(kv_full, 0);
     for (int step = 0; step < num_steps; ++step) {
       const int stage = step % kStages, parity = step & 1;
-      const int head = step_head(step), query0 = step_query0(step);
+      const int head = steps.head(step), query0 = steps.query0(step);
 
       // lse (log2 units) and delta of the step's queries into this warpgroup's buffer; rows
       // past seqlen_q get 0, and with their zero Q and dO rows contribute exactly zero.

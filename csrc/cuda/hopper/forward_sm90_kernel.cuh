@@ -107,9 +107,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 
   const IndexRange keys = visible_keys(p, row0, row0 + valid_rows);
   if (keys.empty()) {  // every row of this block is fully masked: out = 0, lse = +inf
-    for (int i = thread; i < valid_rows * head_dim; i += Config::kThreads)
-      out[(i / head_dim) * p.out_strides.row + i % head_dim] = ElementTraits<Element>::from_float(0.0f);
-    for (int i = thread; i < valid_rows; i += Config::kThreads) lse[i] = INFINITY;
+    store_fully_masked_rows<Config::kThreads>(out, p.out_strides.row, lse, valid_rows, head_dim,
+                                              thread);
     return;
   }
   const int key_begin = static_cast<int>(keys.begin);
@@ -189,14 +188,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   if constexpr (kPingPong)
     if (consumer == 1) sm90::named_barrier_arrive(1, 256);
 
-  // Descriptors are a base plus a constant step per k-slice (the address field is the
-  // low bits; offsets never carry out of it). The base is made opaque per call so that the
-  // compiler does not hoist one 64-bit descriptor per slice out of the key loop, which
-  // would hold dozens of registers.
-  auto opaque = [](uint64_t value) {
-    asm volatile("" : "+l"(value));
-    return value;
-  };
+  // Descriptors are an opaque base plus a constant step per k-slice (the address field is
+  // the low bits; offsets never carry out of it).
+  using sm90::opaque;
   auto issue_scores = [&](int stage) {
     const uint64_t a0 = opaque(sm90::smem_descriptor(q_smem + group_row0 * 128, 16, 1024));
     const uint64_t b0 = opaque(sm90::smem_descriptor(k_smem(stage), 16, 1024));
@@ -227,17 +221,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   // applied to O), packed as the A operand of the next O += P V.
   auto softmax = [&](int block, float (&correction)[1][2]) {
     const int key0 = key_begin + block * kBlockN;
-    if (!transform.plain) {
-      for_each_element(acc_s, lane, [&](float& s, int r, int c) {
-        float unused;
-        s = transform.apply(s, query0 + r, key0 + c, window.diagonal_offset, &unused);
-      });
-    }
-    if (window.tile_needs_mask<kHasWindow>(row0, row0 + valid_rows, key0, key0 + kBlockN)) {
-      for_each_element(acc_s, lane, [&](float& s, int r, int c) {
-        if (!window.visible<kHasWindow>(query0 + r, key0 + c)) s = -INFINITY;
-      });
-    }
+    transform_and_mask<kHasWindow>(acc_s, transform, window, row0, row0 + valid_rows, query0, key0,
+                                   lane);
     online_softmax_probabilities(acc_s, row_max, row_sum, transform.exp_scale, correction);
   };
   auto pack_p = [&] {

@@ -129,6 +129,14 @@ __device__ __forceinline__ void fence_shared_for_async() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// The value, made opaque to the compiler: descriptors are a base plus a constant step per
+// k-slice, and without this the compiler hoists one 64-bit descriptor per slice out of the
+// key loop, holding dozens of registers.
+__device__ __forceinline__ uint64_t opaque(uint64_t value) {
+  asm volatile("" : "+l"(value));
+  return value;
+}
+
 // ---- warp specialization ----
 
 template <int kRegisters>
