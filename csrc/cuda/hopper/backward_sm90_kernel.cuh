@@ -131,8 +131,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       sm90::mbarrier_arrive_expect_tx(kv_full, 2 * Config::kKVBytes);
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
-        sm90::tma_load_4d(k_smem + c * kBlockN * 128, &maps.k, kv_full, 64 * c, key0, head_kv, batch);
-        sm90::tma_load_4d(v_smem + c * kBlockN * 128, &maps.v, kv_full, 64 * c, key0, head_kv, batch);
+        sm90::tma_load_4d(k_smem + c * kBlockN * 128, &maps.k, kv_full, 64 * c, key0, head_kv,
+                          batch);
+        sm90::tma_load_4d(v_smem + c * kBlockN * 128, &maps.v, kv_full, 64 * c, key0, head_kv,
+                          batch);
       }
       for (int step = 0; step < num_steps; ++step) {
         const int stage = step % kStages, use = step / kStages;
@@ -149,8 +151,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       }
     }
   } else {
-    // The consumers are the other branch of one if/else so that setmaxnreg's registers
-    // reach them (see forward_sm90_kernel.cuh).
+    // The consumers are the other branch of one if/else, as in the forward kernel.
     sm90::registers_increase<Config::kConsumerRegisters>();
     const int consumer = warpgroup - 1;
     const int group_thread = thread & 127, lane = thread & 31, warp_in_group = group_thread >> 5;
@@ -260,7 +261,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         for (int h = 0; h < 2; ++h) {
           const int row = warp_key0 + g + 8 * h;
           const int byte = (8 * j + 2 * t) * 2;
-          const uint32_t address = ds + row * 128 + ((((byte >> 4) ^ (row & 7))) << 4) + (byte & 15);
+          const uint32_t address = ds + row * 128 + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
           asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(address),
                        "r"(ds_frag[j / 2][2 * (j & 1) + h]));
         }

@@ -156,148 +156,147 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
                           head_kv, batch);
     }
   } else {
-    // The consumers' body is the other branch of one if/else, which is what lets the
-    // compiler give it the registers setmaxnreg raises (a plain fall-through would keep it
-    // at the kernel's entry budget and spill).
+    // The consumers' body is the other branch of one if/else, the shape in which setmaxnreg
+    // hands them the producer's registers (HOPPER.md).
     sm90::registers_increase<Config::kConsumerRegisters>();
 
-  const int consumer = warpgroup - 1;
-  const int lane = thread & 31, warp_in_group = (thread >> 5) & 3;
-  const int group_row0 = 64 * consumer;                     // within the CTA's block
-  const int warp_row0 = group_row0 + 16 * warp_in_group;  // this warp's 16 rows
-  const int query0 = row0 + warp_row0;
-  const ScoreTransform transform = ScoreTransform::make(p, batch, head);
-  const KeyWindow window = KeyWindow::make(p);
+    const int consumer = warpgroup - 1;
+    const int lane = thread & 31, warp_in_group = (thread >> 5) & 3;
+    const int group_row0 = 64 * consumer;                     // within the CTA's block
+    const int warp_row0 = group_row0 + 16 * warp_in_group;  // this warp's 16 rows
+    const int query0 = row0 + warp_row0;
+    const ScoreTransform transform = ScoreTransform::make(p, batch, head);
+    const KeyWindow window = KeyWindow::make(p);
 
-  float acc_o[1][kDTiles][4];
-  float acc_s[1][kNTiles][4];
-  uint32_t p_frag[kBlockN / 16][4];  // P of the previous block, as wgmma A fragments
-  zero(acc_o);
-  float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.0f, 0.0f}};
+    float acc_o[1][kDTiles][4];
+    float acc_s[1][kNTiles][4];
+    uint32_t p_frag[kBlockN / 16][4];  // P of the previous block, as wgmma A fragments
+    zero(acc_o);
+    float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.0f, 0.0f}};
 
-  // Ping-pong: consumer c issues its products after named barrier 1 + c opens, then opens
-  // the other's. Consumer 1 lets consumer 0 go first.
-  auto take_turn = [&] {
-    if constexpr (kPingPong) sm90::named_barrier_sync(1 + consumer, 256);
-  };
-  auto pass_turn = [&](bool last) {
-    // Consumer 1's final pass is skipped so that every barrier phase is completed.
+    // Ping-pong: consumer c issues its products after named barrier 1 + c opens, then opens
+    // the other's. Consumer 1 lets consumer 0 go first.
+    auto take_turn = [&] {
+      if constexpr (kPingPong) sm90::named_barrier_sync(1 + consumer, 256);
+    };
+    auto pass_turn = [&](bool last) {
+      // Consumer 1's final pass is skipped so that every barrier phase is completed.
+      if constexpr (kPingPong)
+        if (!(last && consumer == 1)) sm90::named_barrier_arrive(2 - consumer, 256);
+    };
     if constexpr (kPingPong)
-      if (!(last && consumer == 1)) sm90::named_barrier_arrive(2 - consumer, 256);
-  };
-  if constexpr (kPingPong)
-    if (consumer == 1) sm90::named_barrier_arrive(1, 256);
+      if (consumer == 1) sm90::named_barrier_arrive(1, 256);
 
-  // Descriptors are an opaque base plus a constant step per k-slice (the address field is
-  // the low bits; offsets never carry out of it).
-  using sm90::opaque;
-  auto issue_scores = [&](int stage) {
-    const uint64_t a0 = opaque(sm90::smem_descriptor(q_smem + group_row0 * 128, 16, 1024));
-    const uint64_t b0 = opaque(sm90::smem_descriptor(k_smem(stage), 16, 1024));
-    sm90::wgmma_fence();
+    // Descriptors are an opaque base plus a constant step per k-slice (the address field is
+    // the low bits; offsets never carry out of it).
+    using sm90::opaque;
+    auto issue_scores = [&](int stage) {
+      const uint64_t a0 = opaque(sm90::smem_descriptor(q_smem + group_row0 * 128, 16, 1024));
+      const uint64_t b0 = opaque(sm90::smem_descriptor(k_smem(stage), 16, 1024));
+      sm90::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      // 32 bytes into the 128-byte swizzled rows per slice, the next column chunk every 4.
-      const uint32_t column = (kk % 4) * 32;
-      const uint64_t a = a0 + (((kk / 4) * kBlockM * 128 + column) >> 4);
-      const uint64_t b = b0 + (((kk / 4) * kBlockN * 128 + column) >> 4);
-      wgmma_ss<kBlockN, kBF16>(&acc_s[0][0][0], a, b, kk > 0);
-    }
-    sm90::wgmma_commit();
-  };
-  auto issue_pv = [&](int stage) {
-    const uint64_t b0 = opaque(sm90::smem_descriptor(v_smem(stage), kBlockN * 128, 1024));
-    sm90::wgmma_fence();
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        // 32 bytes into the 128-byte swizzled rows per slice, the next column chunk every 4.
+        const uint32_t column = (kk % 4) * 32;
+        const uint64_t a = a0 + (((kk / 4) * kBlockM * 128 + column) >> 4);
+        const uint64_t b = b0 + (((kk / 4) * kBlockN * 128 + column) >> 4);
+        wgmma_ss<kBlockN, kBF16>(&acc_s[0][0][0], a, b, kk > 0);
+      }
+      sm90::wgmma_commit();
+    };
+    auto issue_pv = [&](int stage) {
+      const uint64_t b0 = opaque(sm90::smem_descriptor(v_smem(stage), kBlockN * 128, 1024));
+      sm90::wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk)
-      wgmma_rs<kHeadDim, kBF16>(&acc_o[0][0][0], p_frag[kk], b0 + ((kk * 16 * 128) >> 4), 1);
-    sm90::wgmma_commit();
-  };
-  auto release = [&](uint32_t bar) {
-    __syncwarp();
-    if (lane == 0) sm90::mbarrier_arrive(bar);
-  };
-  // Softcap / ALiBi and the mask, then the probabilities (returned corrections not yet
-  // applied to O), packed as the A operand of the next O += P V.
-  auto softmax = [&](int block, float (&correction)[1][2]) {
-    const int key0 = key_begin + block * kBlockN;
-    transform_and_mask<kHasWindow>(acc_s, transform, window, row0, row0 + valid_rows, query0, key0,
-                                   lane);
-    online_softmax_probabilities(acc_s, row_max, row_sum, transform.exp_scale, correction);
-  };
-  auto pack_p = [&] {
-    using Traits = ElementTraits<Element>;
+      for (int kk = 0; kk < kBlockN / 16; ++kk)
+        wgmma_rs<kHeadDim, kBF16>(&acc_o[0][0][0], p_frag[kk], b0 + ((kk * 16 * 128) >> 4), 1);
+      sm90::wgmma_commit();
+    };
+    auto release = [&](uint32_t bar) {
+      __syncwarp();
+      if (lane == 0) sm90::mbarrier_arrive(bar);
+    };
+    // Softcap / ALiBi and the mask, then the probabilities (returned corrections not yet
+    // applied to O), packed as the A operand of the next O += P V.
+    auto softmax = [&](int block, float (&correction)[1][2]) {
+      const int key0 = key_begin + block * kBlockN;
+      transform_and_mask<kHasWindow>(acc_s, transform, window, row0, row0 + valid_rows, query0,
+                                     key0, lane);
+      online_softmax_probabilities(acc_s, row_max, row_sum, transform.exp_scale, correction);
+    };
+    auto pack_p = [&] {
+      using Traits = ElementTraits<Element>;
 #pragma unroll
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      p_frag[kk][0] = Traits::pack(acc_s[0][2 * kk][0], acc_s[0][2 * kk][1]);
-      p_frag[kk][1] = Traits::pack(acc_s[0][2 * kk][2], acc_s[0][2 * kk][3]);
-      p_frag[kk][2] = Traits::pack(acc_s[0][2 * kk + 1][0], acc_s[0][2 * kk + 1][1]);
-      p_frag[kk][3] = Traits::pack(acc_s[0][2 * kk + 1][2], acc_s[0][2 * kk + 1][3]);
-    }
-  };
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        p_frag[kk][0] = Traits::pack(acc_s[0][2 * kk][0], acc_s[0][2 * kk][1]);
+        p_frag[kk][1] = Traits::pack(acc_s[0][2 * kk][2], acc_s[0][2 * kk][3]);
+        p_frag[kk][2] = Traits::pack(acc_s[0][2 * kk + 1][0], acc_s[0][2 * kk + 1][1]);
+        p_frag[kk][3] = Traits::pack(acc_s[0][2 * kk + 1][2], acc_s[0][2 * kk + 1][3]);
+      }
+    };
 
-  sm90::mbarrier_wait(q_full, 0);
-  {
-    float correction[1][2];
-    sm90::mbarrier_wait(k_full(0), 0);
-    take_turn();
-    issue_scores(0);
-    pass_turn(false);
-    sm90::wgmma_wait<0>();
-    sm90::fence_registers<kBlockN / 2>(&acc_s[0][0][0]);
-    release(k_empty(0));
-    softmax(0, correction);  // O is still zero: nothing to rescale
-    pack_p();
-  }
-  for (int block = 1; block < num_key_blocks; ++block) {
-    const int stage = block % kStages, previous = (block - 1) % kStages;
-    float correction[1][2];
-    sm90::mbarrier_wait(k_full(stage), (block / kStages) & 1);
-    take_turn();
-    issue_scores(stage);
-    sm90::mbarrier_wait(v_full(previous), ((block - 1) / kStages) & 1);
-    issue_pv(previous);
-    pass_turn(false);
-    sm90::wgmma_wait<1>();  // S of this block; O += P V of the previous one still runs
-    sm90::fence_registers<kBlockN / 2>(&acc_s[0][0][0]);
-    release(k_empty(stage));
-    softmax(block, correction);
-    sm90::wgmma_wait<0>();
-    sm90::fence_registers<kHeadDim / 2>(&acc_o[0][0][0]);
-    sm90::fence_registers<kBlockN / 4>(&p_frag[0][0]);
-    release(v_empty(previous));
-    rescale_rows(acc_o, correction);
-    pack_p();
-  }
-  {
-    const int last = (num_key_blocks - 1) % kStages;
-    sm90::mbarrier_wait(v_full(last), ((num_key_blocks - 1) / kStages) & 1);
-    take_turn();
-    issue_pv(last);
-    pass_turn(true);
-    sm90::wgmma_wait<0>();
-    sm90::fence_registers<kHeadDim / 2>(&acc_o[0][0][0]);
-    sm90::fence_registers<kBlockN / 4>(&p_frag[0][0]);
-  }
-
-  // Normalize, write lse (natural log; +inf for rows that saw no key) and O.
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const float sum = quad_sum(row_sum[0][h]);
-    const bool empty = !(sum > 0.0f);
-    const float inv_sum = empty ? 0.0f : 1.0f / sum;
-#pragma unroll
-    for (int j = 0; j < kDTiles; ++j) {
-      acc_o[0][j][2 * h] *= inv_sum;
-      acc_o[0][j][2 * h + 1] *= inv_sum;
+    sm90::mbarrier_wait(q_full, 0);
+    {
+      float correction[1][2];
+      sm90::mbarrier_wait(k_full(0), 0);
+      take_turn();
+      issue_scores(0);
+      pass_turn(false);
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers<kBlockN / 2>(&acc_s[0][0][0]);
+      release(k_empty(0));
+      softmax(0, correction);  // O is still zero: nothing to rescale
+      pack_p();
     }
-    const int row = warp_row0 + g + 8 * h;
-    if (t == 0 && row < valid_rows)
-      lse[row] = empty ? INFINITY : row_max[0][h] * transform.exp_scale * kLn2 + logf(sum);
-  }
-  store_tile<Element>(acc_o, out + warp_row0 * p.out_strides.row, p.out_strides.row,
-                      valid_rows - warp_row0, head_dim, /*vectorized=*/true, lane);
+    for (int block = 1; block < num_key_blocks; ++block) {
+      const int stage = block % kStages, previous = (block - 1) % kStages;
+      float correction[1][2];
+      sm90::mbarrier_wait(k_full(stage), (block / kStages) & 1);
+      take_turn();
+      issue_scores(stage);
+      sm90::mbarrier_wait(v_full(previous), ((block - 1) / kStages) & 1);
+      issue_pv(previous);
+      pass_turn(false);
+      sm90::wgmma_wait<1>();  // S of this block; O += P V of the previous one still runs
+      sm90::fence_registers<kBlockN / 2>(&acc_s[0][0][0]);
+      release(k_empty(stage));
+      softmax(block, correction);
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers<kHeadDim / 2>(&acc_o[0][0][0]);
+      sm90::fence_registers<kBlockN / 4>(&p_frag[0][0]);
+      release(v_empty(previous));
+      rescale_rows(acc_o, correction);
+      pack_p();
+    }
+    {
+      const int last = (num_key_blocks - 1) % kStages;
+      sm90::mbarrier_wait(v_full(last), ((num_key_blocks - 1) / kStages) & 1);
+      take_turn();
+      issue_pv(last);
+      pass_turn(true);
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers<kHeadDim / 2>(&acc_o[0][0][0]);
+      sm90::fence_registers<kBlockN / 4>(&p_frag[0][0]);
+    }
+
+    // Normalize, write lse (natural log; +inf for rows that saw no key) and O.
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float sum = quad_sum(row_sum[0][h]);
+      const bool empty = !(sum > 0.0f);
+      const float inv_sum = empty ? 0.0f : 1.0f / sum;
+#pragma unroll
+      for (int j = 0; j < kDTiles; ++j) {
+        acc_o[0][j][2 * h] *= inv_sum;
+        acc_o[0][j][2 * h + 1] *= inv_sum;
+      }
+      const int row = warp_row0 + g + 8 * h;
+      if (t == 0 && row < valid_rows)
+        lse[row] = empty ? INFINITY : row_max[0][h] * transform.exp_scale * kLn2 + logf(sum);
+    }
+    store_tile<Element>(acc_o, out + warp_row0 * p.out_strides.row, p.out_strides.row,
+                        valid_rows - warp_row0, head_dim, /*vectorized=*/true, lane);
   }
 }
 
