@@ -92,6 +92,19 @@ __device__ __forceinline__ void warp_gemm(float (&acc)[kMTiles][kNTiles][4], uin
   }
 }
 
+// The A operand of one 16-wide k step (k-tiles 2 kk and 2 kk + 1 of a 16-row float32
+// accumulator, rounded to Element): the accumulator layout of two adjacent 8-column tiles
+// is exactly that fragment, for mma.m16n8k16 and, per warp, for wgmma's register A.
+template <typename Element, int kKTiles>
+__device__ __forceinline__ void pack_a_fragment(const float (&acc)[kKTiles][4], int kk,
+                                                uint32_t (&a)[4]) {
+  using Traits = ElementTraits<Element>;
+  a[0] = Traits::pack(acc[2 * kk][0], acc[2 * kk][1]);
+  a[1] = Traits::pack(acc[2 * kk][2], acc[2 * kk][3]);
+  a[2] = Traits::pack(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+  a[3] = Traits::pack(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
 // acc[i][j] += A[16i.., 0..kK) * B[0..kK, n0 + 8j ..) with A in registers: the float32
 // accumulator of an earlier product, a_acc[i][k-tile], rounded to Element on the way. The
 // accumulator layout of two adjacent 8-column tiles is exactly the A fragment of one
@@ -106,12 +119,7 @@ __device__ __forceinline__ void warp_gemm_a_registers(float (&acc)[kMTiles][kNTi
   for (int kk = 0; kk < kK / 16; ++kk) {
     uint32_t a[kMTiles][4];
 #pragma unroll
-    for (int i = 0; i < kMTiles; ++i) {
-      a[i][0] = Traits::pack(a_acc[i][2 * kk][0], a_acc[i][2 * kk][1]);
-      a[i][1] = Traits::pack(a_acc[i][2 * kk][2], a_acc[i][2 * kk][3]);
-      a[i][2] = Traits::pack(a_acc[i][2 * kk + 1][0], a_acc[i][2 * kk + 1][1]);
-      a[i][3] = Traits::pack(a_acc[i][2 * kk + 1][2], a_acc[i][2 * kk + 1][3]);
-    }
+    for (int i = 0; i < kMTiles; ++i) pack_a_fragment<Element>(a_acc[i], kk, a[i]);
 #pragma unroll
     for (int j = 0; j < kNTiles; j += 2) {
       uint32_t b[4];

@@ -81,7 +81,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   constexpr int kHeadDim = Config::kHeadDim, kChunks = Config::kChunks;
   constexpr int kDTiles = Config::kDTiles, kQTiles = Config::kQTiles;
   constexpr bool kBF16 = ElementTraits<Element>::kIsBFloat16;
-  using Traits = ElementTraits<Element>;
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = shared_address(smem_raw);
@@ -244,14 +243,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       }
       uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];
 #pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          // Registers 0-3: (row g, k 0-7), (row g+8, k 0-7), (row g, k 8-15), (row g+8, k 8-15).
-          const int j = 2 * kk + (r >> 1), c = 2 * (r & 1);
-          p_frag[kk][r] = Traits::pack(acc_s[0][j][c], acc_s[0][j][c + 1]);
-          ds_frag[kk][r] = Traits::pack(acc_dp[0][j][c], acc_dp[0][j][c + 1]);
-        }
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        pack_a_fragment<Element>(acc_s[0], kk, p_frag[kk]);
+        pack_a_fragment<Element>(acc_dp[0], kk, ds_frag[kk]);
+      }
       // dSᵀ to shared memory in the 128-byte swizzled layout (row = key, 64 queries of 2
       // bytes per row; 16-byte units XORed with the row's index within its group of 8).
       const uint32_t ds = ds_smem(parity);

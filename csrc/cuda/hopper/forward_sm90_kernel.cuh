@@ -225,14 +225,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       online_softmax_probabilities(acc_s, row_max, row_sum, transform.exp_scale, correction);
     };
     auto pack_p = [&] {
-      using Traits = ElementTraits<Element>;
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        p_frag[kk][0] = Traits::pack(acc_s[0][2 * kk][0], acc_s[0][2 * kk][1]);
-        p_frag[kk][1] = Traits::pack(acc_s[0][2 * kk][2], acc_s[0][2 * kk][3]);
-        p_frag[kk][2] = Traits::pack(acc_s[0][2 * kk + 1][0], acc_s[0][2 * kk + 1][1]);
-        p_frag[kk][3] = Traits::pack(acc_s[0][2 * kk + 1][2], acc_s[0][2 * kk + 1][3]);
-      }
+      for (int kk = 0; kk < kBlockN / 16; ++kk) pack_a_fragment<Element>(acc_s[0], kk, p_frag[kk]);
     };
 
     sm90::mbarrier_wait(q_full, 0);

@@ -23,10 +23,10 @@ template <> struct Sm90ForwardClassConfig<64> : Sm90ForwardConfig<64, 128, 3, tr
 template <> struct Sm90ForwardClassConfig<128> : Sm90ForwardConfig<128, 128, 2, false> {};
 template <> struct Sm90ForwardClassConfig<256> : Sm90ForwardConfig<256, 64, 2, true> {};
 
-template <class Config, typename Element>
-Status launch_forward_sm90_config(const AttentionParams& p, const LaunchOptions& options,
-                                  cudaStream_t stream) {
-  constexpr int kHeadDimClass = Config::kHeadDim;
+template <int kHeadDimClass, typename Element>
+Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& options,
+                           cudaStream_t stream) {
+  using Config = Sm90ForwardClassConfig<kHeadDimClass>;
   Sm90ForwardMaps maps;
   if (Status s = encode_tensor_map(&maps.q, p.q, p.element_type, p.head_dim, p.seqlen_q,
                                    p.num_heads, p.batch, p.q_strides, Config::kBlockM);
@@ -50,13 +50,6 @@ Status launch_forward_sm90_config(const AttentionParams& p, const LaunchOptions&
   const dim3 grid(static_cast<unsigned>(m_blocks * p.num_heads * p.batch));
   kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(p, maps);
   return Status::FromCuda(cudaGetLastError(), "launching the sm90 forward kernel");
-}
-
-template <int kHeadDimClass, typename Element>
-Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& options,
-                           cudaStream_t stream) {
-  return launch_forward_sm90_config<Sm90ForwardClassConfig<kHeadDimClass>, Element>(p, options,
-                                                                                    stream);
 }
 
 }  // namespace jax_flash::cuda
