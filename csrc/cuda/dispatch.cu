@@ -85,15 +85,16 @@ Status current_device_info(DeviceInfo* info) {
   return Status::Ok();
 }
 
-enum class Architecture { kSm80, kSm90 };
+enum class Architecture { kSm80 };
 
 Status architecture_of(const DeviceInfo& device, Architecture* architecture) {
   if (device.major < 8)
     return Status::Unimplemented(
         "jax_flash CUDA kernels need compute capability 8.0 or newer (Ampere, Ada, Hopper, "
         "...); this GPU is sm_" + std::to_string(device.major) + std::to_string(device.minor));
-  // sm_90a code runs on compute capability 9.0 only; later GPUs take the sm80 kernels.
-  *architecture = device.major == 9 && device.minor == 0 ? Architecture::kSm90 : Architecture::kSm80;
+  // Every sm80+ GPU runs the sm80 kernels; compute capability 9.0 may also run the sm_90a
+  // ones (LaunchOptions::sm90, sm90_eligible).
+  *architecture = Architecture::kSm80;
   return Status::Ok();
 }
 
@@ -173,7 +174,8 @@ Status launch_options(const AttentionParams& p, bool backward, Architecture* arc
   if (Status s = current_device_info(&device); !s.ok()) return s;
   if (Status s = architecture_of(device, architecture); !s.ok()) return s;
   options->vectorized = vectorizable(p, backward);
-  options->sm90 = *architecture == Architecture::kSm90;
+  // sm_90a code runs on compute capability 9.0 only; later GPUs take the sm80 kernels.
+  options->sm90 = device.major == 9 && device.minor == 0;
   options->max_smem_per_block = device.max_smem_per_block;
   // Test aid: JAX_FLASH_CUDA_SMEM_LIMIT=<bytes> caps the shared memory the launchers may
   // use, so that the tile shapes chosen for GPUs with less of it (sm80, sm86/89) run and
@@ -232,10 +234,13 @@ bool sm90_eligible(int d, const AttentionParams& p, const LaunchOptions& options
   // Every Hopper kernel fits in 200 KB; a smaller limit is JAX_FLASH_CUDA_SMEM_LIMIT making
   // this GPU stand in for an older one, whose kernels are the sm80 ones.
   constexpr int kSm90SmemBytes = 200 * 1024;
-  const int64_t m_blocks = (p.seqlen_q + 127) / 128;
-  return sm90_enabled() && options.max_smem_per_block >= kSm90SmemBytes && d >= 64 && (!backward || d == 128) && p.head_dim == d &&
-         options.vectorized && p.seqlen_q > 0 && p.seqlen_k > 0 && !p.has_segment_ids() &&
-         !p.has_dropout() && m_blocks * p.num_heads * p.batch <= std::numeric_limits<int32_t>::max();
+  // The Hopper forward's grid is one flat list of 128-row query blocks.
+  constexpr int64_t kSm90BlockM = 128;
+  const int64_t m_blocks = (p.seqlen_q + kSm90BlockM - 1) / kSm90BlockM;
+  return options.sm90 && sm90_enabled() && options.max_smem_per_block >= kSm90SmemBytes &&
+         d >= 64 && (!backward || d == 128) && p.head_dim == d && options.vectorized &&
+         p.seqlen_q > 0 && p.seqlen_k > 0 && !p.has_segment_ids() && !p.has_dropout() &&
+         m_blocks * p.num_heads * p.batch <= std::numeric_limits<int32_t>::max();
 #else
   (void)d, (void)p, (void)options, (void)backward;
   return false;
@@ -267,7 +272,7 @@ template <typename Element>
 Status backward_main(int d, const AttentionParams& p, const BackwardWorkspace& workspace,
                      const LaunchOptions& options, cudaStream_t stream) {
 #if defined(JAX_FLASH_CUDA_SM90) && defined(JAX_FLASH_CUDA_HDIM_128)
-  if (options.sm90 && sm90_eligible(d, p, options, /*backward=*/true))
+  if (sm90_eligible(d, p, options, /*backward=*/true))
     return launch_backward_sm90<128, Element>(p, workspace, options, stream);
 #endif
   return with_head_dim_class(d, [&](auto head_dim_class) {
@@ -326,13 +331,12 @@ Status flash_forward(const AttentionParams& p_in, cudaStream_t stream) {
   Architecture architecture;
   LaunchOptions options;
   if (Status s = launch_options(p, /*backward=*/false, &architecture, &options); !s.ok()) return s;
-  if (architecture == Architecture::kSm90 && sm90_eligible(d, p, options, /*backward=*/false)) {
+  if (sm90_eligible(d, p, options, /*backward=*/false)) {
     if (p.element_type == ElementType::kFloat16) return forward_sm90<__half>(d, p, options, stream);
     return forward_sm90<__nv_bfloat16>(d, p, options, stream);
   }
   switch (architecture) {
     case Architecture::kSm80:
-    case Architecture::kSm90:
       if (p.element_type == ElementType::kFloat16) return forward_sm80<__half>(d, p, options, stream);
       return forward_sm80<__nv_bfloat16>(d, p, options, stream);
   }
@@ -386,7 +390,6 @@ Status flash_kvcache_forward(const AttentionParams& p, const KvCacheWorkspace& w
   };
   switch (architecture) {
     case Architecture::kSm80:
-    case Architecture::kSm90:
       if (p.element_type == ElementType::kFloat16) return launch(__half{});
       return launch(__nv_bfloat16{});
   }
@@ -415,7 +418,6 @@ Status flash_backward(const AttentionParams& p_in, const BackwardWorkspace& work
   if (Status s = launch_options(p, /*backward=*/true, &architecture, &options); !s.ok()) return s;
   switch (architecture) {
     case Architecture::kSm80:
-    case Architecture::kSm90:  // the Hopper backward is not written yet
       if (p.element_type == ElementType::kFloat16)
         return backward_all<__half>(d, p, workspace, options, stream);
       return backward_all<__nv_bfloat16>(d, p, workspace, options, stream);
