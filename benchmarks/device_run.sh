@@ -4,7 +4,7 @@
 # Steps are arguments, each optionally with a time limit in seconds (step:seconds):
 #   bash benchmarks/device_run.sh build gputests:300 memcheck:120 bench-quick
 # Steps: build sass cputests gputests gputests-sm90 gputests-kvcache memcheck bench bench-quick bench-ring bench-packed
-# bench-sm90 bench-grid bench-kvcache examples. (Register and spill counts
+# bench-grid bench-kvcache examples. (Register and spill counts
 # need no GPU: nvcc -Xptxas -v on an instantiation file, here.)
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
@@ -57,15 +57,6 @@ run_step() {
       grep -cE " PASSED " "$OUT/gputests_sm90.log" | sed 's/^/passed so far: /'
       grep -E " (FAILED|ERROR) |^E  .*Error|passed|failed" "$OUT/gputests_sm90.log" | head -40
       ;;
-    bench-sm90)
-      # The forward grid with cuDNN and FlashAttention-3 (carried wheel, if installed), then
-      # the sm80 kernel on the same GPU (JAX_FLASH_CUDA_SM90=0).
-      (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims ${BENCH_HEAD_DIMS:-64 128 256} \
-        --seqlens ${BENCH_SEQLENS:-1024 2048 4096 8192 16384} --modes ${BENCH_MODES:-fwd fwd_bwd} --impls jax_flash cudnn fa3 \
-        --json "$OUT/bench_sm90.json") 2>&1 | tee "$OUT/bench_sm90.log"
-      (cd /tmp && JAX_FLASH_CUDA_SM90=0 timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 \
-        --seqlens 4096 16384 --modes ${BENCH_MODES:-fwd fwd_bwd} --impls jax_flash --tag _sm80 --json "$OUT/bench_sm90_sm80.json") 2>&1 | grep "d=" | tee -a "$OUT/bench_sm90.log"
-      ;;
     gputests-kvcache)
       # flash_attn_with_kvcache's GPU tests, a step of their own (a long list).
       (cd tests && XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_autotune_level=0 timeout "$limit" $PY -m pytest -v -n 8 \
@@ -97,13 +88,17 @@ run_step() {
       ;;
     bench-grid)
       # The grid of ../shared/ANCHORS.md (fwd and fwd+bwd) with cuDNN and FlashAttention-3
-      # (carried wheel) in the same run, then the sm80 kernels on two points.
-      for spec in "128:1024 2048 4096 8192 16384" "64:2048 8192" "256:2048 8192"; do
+      # (carried wheel) in the same run, then the sm80 kernels on two points
+      # (JAX_FLASH_CUDA_SM90=0). BENCH_GRID="128:2048 16384" and BENCH_MODES=fwd narrow it.
+      local spec
+      while read -r spec; do
         (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims ${spec%%:*} \
-          --seqlens ${spec#*:} --impls jax_flash cudnn fa3 --json "$OUT/bench_grid_d${spec%%:*}.json") 2>&1 | grep -E "device|d=" | tee -a "$OUT/bench_grid.log"
-      done
+          --seqlens ${spec#*:} --modes ${BENCH_MODES:-fwd fwd_bwd} --impls jax_flash cudnn fa3 \
+          --json "$OUT/bench_grid_d${spec%%:*}.json") 2>&1 | grep -E "device|d=" | tee -a "$OUT/bench_grid.log"
+      done <<< "${BENCH_GRID:-$'128:1024 2048 4096 8192 16384\n64:2048 8192\n256:2048 8192'}"
       (cd /tmp && JAX_FLASH_CUDA_SM90=0 timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 \
-        --seqlens 4096 16384 --impls jax_flash --tag _sm80 --json "$OUT/bench_grid_sm80.json") 2>&1 | grep "d=" | tee -a "$OUT/bench_grid.log"
+        --seqlens 4096 16384 --modes ${BENCH_MODES:-fwd fwd_bwd} --impls jax_flash --tag _sm80 \
+        --json "$OUT/bench_grid_sm80.json") 2>&1 | grep "d=" | tee -a "$OUT/bench_grid.log"
       ;;
     bench-kvcache)
       (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_kvcache.py" --json "$OUT/bench_kvcache.json") 2>&1 | tee "$OUT/bench_kvcache.log"
