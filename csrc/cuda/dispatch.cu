@@ -228,7 +228,7 @@ bool sm90_enabled() {
 // class (the tensor maps read whole 64-column chunks), TMA-friendly layout (16-byte aligned
 // bases and strides: `vectorized`), rows on both sides, and no segment ids or dropout
 // (those run on the sm80 kernels). JAX_FLASH_CUDA_SM90=0 turns them off (comparisons,
-// fallback tests). The backward exists for head dim 128 only.
+// fallback tests). The backward exists for head dims 64 and 128.
 bool sm90_eligible(int d, const AttentionParams& p, const LaunchOptions& options, bool backward) {
 #ifdef JAX_FLASH_CUDA_SM90
   // Every Hopper kernel fits in 200 KB; a smaller limit is JAX_FLASH_CUDA_SMEM_LIMIT making
@@ -237,8 +237,9 @@ bool sm90_eligible(int d, const AttentionParams& p, const LaunchOptions& options
   // The Hopper forward's grid is one flat list of 128-row query blocks.
   constexpr int64_t kSm90BlockM = 128;
   const int64_t m_blocks = (p.seqlen_q + kSm90BlockM - 1) / kSm90BlockM;
+  const bool has_kernel = !backward || d == 64 || d == 128;
   return options.sm90 && sm90_enabled() && options.max_smem_per_block >= kSm90SmemBytes &&
-         d >= 64 && (!backward || d == 128) && p.head_dim == d && options.vectorized &&
+         d >= 64 && has_kernel && p.head_dim == d && options.vectorized &&
          p.seqlen_q > 0 && p.seqlen_k > 0 && !p.has_segment_ids() && !p.has_dropout() &&
          m_blocks * p.num_heads * p.batch <= std::numeric_limits<int32_t>::max();
 #else
@@ -271,9 +272,18 @@ Status forward_sm90(int d, const AttentionParams& p, const LaunchOptions& option
 template <typename Element>
 Status backward_main(int d, const AttentionParams& p, const BackwardWorkspace& workspace,
                      const LaunchOptions& options, cudaStream_t stream) {
-#if defined(JAX_FLASH_CUDA_SM90) && defined(JAX_FLASH_CUDA_HDIM_128)
-  if (sm90_eligible(d, p, options, /*backward=*/true))
-    return launch_backward_sm90<128, Element>(p, workspace, options, stream);
+#ifdef JAX_FLASH_CUDA_SM90
+  if (sm90_eligible(d, p, options, /*backward=*/true)) {
+    switch (d) {
+#ifdef JAX_FLASH_CUDA_HDIM_64
+      case 64: return launch_backward_sm90<64, Element>(p, workspace, options, stream);
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_128
+      case 128: return launch_backward_sm90<128, Element>(p, workspace, options, stream);
+#endif
+      default: break;
+    }
+  }
 #endif
   return with_head_dim_class(d, [&](auto head_dim_class) {
     return launch_backward_sm80<decltype(head_dim_class)::value, Element>(p, workspace, options,

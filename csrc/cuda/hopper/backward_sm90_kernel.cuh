@@ -67,7 +67,10 @@ struct Sm90BackwardConfig {
                                     8 * kBarriers + 1024;
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;
-  static_assert(kHeadDim == 128, "dQ splits head_dim into one 64-column chunk per consumer");
+  // dQ's columns in 64-column chunks, one per consumer that computes any (head dim 64: the
+  // first consumer alone, whose product then covers all of them).
+  static constexpr int kDqConsumers = kHeadDim / 64;
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims with a Hopper backward");
   static_assert(kBlockM == 64, "dSᵀ rows are one 128-byte swizzle span");
   static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= 512, "register file");
 };
@@ -276,29 +279,28 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       sm90::fence_registers<kBlockM / 4>(&ds_frag[0][0]);
       __syncwarp();
       if (lane == 0) sm90::mbarrier_arrive(empty(stage));  // Q and dO of this stage are free
-      if (!p.deterministic) {
-        // dQ[:, half] = dS K[:, half]: A is dSᵀ read query-major, B is K read column-major,
-        // both transposed in the descriptors (the 64 columns of this consumer's half are
-        // one chunk of the K tile).
-        float acc_dq[1][kDTiles / 2][4];
+      if (!p.deterministic && consumer < Config::kDqConsumers) {
+        // dQ[:, chunk] = dS K[:, chunk] for this consumer's 64-column chunk: A is dSᵀ read
+        // query-major, B is K read column-major, both transposed in the descriptors.
+        float acc_dq[1][8][4];
         const uint64_t a0 = opaque(sm90::smem_descriptor(ds, 8192, 1024));
         const uint64_t b0 = opaque(sm90::smem_descriptor(k_smem + consumer * kBlockN * 128,
                                                          kBlockN * 128, 1024));
         sm90::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk)
-          wgmma_ss<kHeadDim / 2, kBF16, 1, 1>(&acc_dq[0][0][0], a0 + ((kk * 16 * 128) >> 4),
+          wgmma_ss<64, kBF16, 1, 1>(&acc_dq[0][0][0], a0 + ((kk * 16 * 128) >> 4),
                                               b0 + ((kk * 16 * 128) >> 4), kk > 0);
         sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
-        sm90::fence_registers<kHeadDim / 4>(&acc_dq[0][0][0]);
+        sm90::fence_registers<32>(&acc_dq[0][0][0]);
         // The previous step's reduction has read the staging buffer; then every thread
         // writes its part (swizzled: 16-byte units XORed with the row within its 8).
         const uint32_t dq = dq_base + consumer * Config::kDqBytes;
         if (group_thread == 0) sm90::bulk_wait_read<0>();
         sm90::named_barrier_sync(2 + consumer, 128);
 #pragma unroll
-        for (int j = 0; j < kDTiles / 2; ++j)
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             const int row = 16 * warp_in_group + g + 8 * h;

@@ -1,4 +1,4 @@
-// Host-side launch of the Hopper backward's main kernel (head dim 128): tensor maps,
+// Host-side launch of the Hopper backward's main kernel (head dims 64 and 128): tensor maps,
 // shared-memory limit, grid. Included by the sm90 backward instantiation files only;
 // dispatch.cu has checked the call suits it (sm90_backward_eligible) and runs the
 // preprocessing and dQ conversion (or the deterministic dQ pass) around it.
