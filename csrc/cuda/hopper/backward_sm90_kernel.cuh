@@ -279,7 +279,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       sm90::fence_registers<kBlockM / 4>(&ds_frag[0][0]);
       __syncwarp();
       if (lane == 0) sm90::mbarrier_arrive(empty(stage));  // Q and dO of this stage are free
-      if (!p.deterministic && consumer < Config::kDqConsumers) {
+      const bool computes_dq =
+          Config::kDqConsumers == Config::kConsumers || consumer < Config::kDqConsumers;
+      if (!p.deterministic && computes_dq) {
         // dQ[:, chunk] = dS K[:, chunk] for this consumer's 64-column chunk: A is dSᵀ read
         // query-major, B is K read column-major, both transposed in the descriptors.
         float acc_dq[1][8][4];
