@@ -1,12 +1,11 @@
 """The Hopper (sm_90a) kernels against a float32 reference on an H100/H200.
 
-On compute capability 9.0, every forward call with head_dim 64, 128 or 256, and every
-backward call with head_dim 64 or 128 (without segment ids or dropout), runs the wgmma kernels;
-this grid covers what they handle: odd lengths on
-both sides (partial query and key blocks, TMA zero fill), GQA, batch and head counts that
-are not powers of two (the grid is one flat list of blocks), causal / window masks with
-softcap and ALiBi, and both dtypes, with gradients (through out and lse) at head dims 64
-and 128. Elsewhere every test here is skipped with the reason.
+On compute capability 9.0, every forward and backward call with head_dim 64, 128 or 256
+(without segment ids or dropout) runs the wgmma kernels; this grid covers what they
+handle: odd lengths on both sides (partial query and key blocks, TMA zero fill), GQA,
+batch and head counts that are not powers of two (the forward's grid is one flat list of
+blocks), causal / window masks with softcap and ALiBi, and both dtypes, with gradients
+(through out and lse). Elsewhere every test here is skipped with the reason.
 """
 
 import os
@@ -40,24 +39,18 @@ def test_forward(shape, head_dim, feature, dtype):
     check(shape + (head_dim,), feature, dtype, gradients=False)
 
 
-@pytest.mark.parametrize("feature", ["none", "causal", "window_alibi"])
-@pytest.mark.parametrize("head_dim", [256])
-def test_gradients_through_the_hopper_forward(head_dim, feature):
-    """Head dim 256: the Hopper forward's out and lse feed the sm80 backward."""
-    check((2, 300, 517, 4, 2, head_dim), feature, jnp.bfloat16, gradients=True)
-
-
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("feature", FEATURES)
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_backward(shape, head_dim, feature, dtype):
-    """Head dims 64 and 128: the Hopper backward, every shape and mask."""
+    """The Hopper backward (keys split between the consumers at 64 and 128, columns at 256),
+    every shape and mask."""
     check(shape + (head_dim,), feature, dtype, gradients=True)
 
 
 @pytest.mark.parametrize("feature", ["none", "causal", "window_alibi"])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_backward_deterministic(head_dim, feature):
     """The Hopper backward leaves dQ to the deterministic pass."""
     check((2, 300, 517, 4, 2, head_dim), feature, jnp.bfloat16, gradients=True,
@@ -65,9 +58,10 @@ def test_backward_deterministic(head_dim, feature):
 
 
 @pytest.mark.parametrize("shape", [(1, 4096, 4096, 4, 4), (2, 2048, 3000, 8, 2)], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True])
-def test_large(shape, causal):
-    check(shape + (128,), "causal" if causal else "none", jnp.bfloat16, gradients=True)
+def test_large(shape, head_dim, causal):
+    check(shape + (head_dim,), "causal" if causal else "none", jnp.bfloat16, gradients=True)
 
 
 def test_sm80_fallback_agrees(tmp_path):

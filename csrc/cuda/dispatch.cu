@@ -228,22 +228,22 @@ bool sm90_enabled() {
 // class (the tensor maps read whole 64-column chunks), TMA-friendly layout (16-byte aligned
 // bases and strides: `vectorized`), rows on both sides, and no segment ids or dropout
 // (those run on the sm80 kernels). JAX_FLASH_CUDA_SM90=0 turns them off (comparisons,
-// fallback tests). The backward exists for head dims 64 and 128.
-bool sm90_eligible(int d, const AttentionParams& p, const LaunchOptions& options, bool backward) {
+// fallback tests).
+bool sm90_eligible(int d, const AttentionParams& p, const LaunchOptions& options) {
 #ifdef JAX_FLASH_CUDA_SM90
-  // Every Hopper kernel fits in 200 KB; a smaller limit is JAX_FLASH_CUDA_SMEM_LIMIT making
-  // this GPU stand in for an older one, whose kernels are the sm80 ones.
-  constexpr int kSm90SmemBytes = 200 * 1024;
+  // Every Hopper GPU has 227 KB per block, which the head dim 256 backward uses; a smaller
+  // limit is JAX_FLASH_CUDA_SMEM_LIMIT making this GPU stand in for an older one, whose
+  // kernels are the sm80 ones.
+  constexpr int kSm90SmemBytes = 227 * 1024;
   // The Hopper forward's grid is one flat list of 128-row query blocks.
   constexpr int64_t kSm90BlockM = 128;
   const int64_t m_blocks = (p.seqlen_q + kSm90BlockM - 1) / kSm90BlockM;
-  const bool has_kernel = !backward || d == 64 || d == 128;
   return options.sm90 && sm90_enabled() && options.max_smem_per_block >= kSm90SmemBytes &&
-         d >= 64 && has_kernel && p.head_dim == d && options.vectorized &&
+         d >= 64 && p.head_dim == d && options.vectorized &&
          p.seqlen_q > 0 && p.seqlen_k > 0 && !p.has_segment_ids() && !p.has_dropout() &&
          m_blocks * p.num_heads * p.batch <= std::numeric_limits<int32_t>::max();
 #else
-  (void)d, (void)p, (void)options, (void)backward;
+  (void)d, (void)p, (void)options;
   return false;
 #endif
 }
@@ -273,13 +273,16 @@ template <typename Element>
 Status backward_main(int d, const AttentionParams& p, const BackwardWorkspace& workspace,
                      const LaunchOptions& options, cudaStream_t stream) {
 #ifdef JAX_FLASH_CUDA_SM90
-  if (sm90_eligible(d, p, options, /*backward=*/true)) {
+  if (sm90_eligible(d, p, options)) {
     switch (d) {
 #ifdef JAX_FLASH_CUDA_HDIM_64
       case 64: return launch_backward_sm90<64, Element>(p, workspace, options, stream);
 #endif
 #ifdef JAX_FLASH_CUDA_HDIM_128
       case 128: return launch_backward_sm90<128, Element>(p, workspace, options, stream);
+#endif
+#ifdef JAX_FLASH_CUDA_HDIM_256
+      case 256: return launch_backward_sm90<256, Element>(p, workspace, options, stream);
 #endif
       default: break;
     }
@@ -341,7 +344,7 @@ Status flash_forward(const AttentionParams& p_in, cudaStream_t stream) {
   Architecture architecture;
   LaunchOptions options;
   if (Status s = launch_options(p, /*backward=*/false, &architecture, &options); !s.ok()) return s;
-  if (sm90_eligible(d, p, options, /*backward=*/false)) {
+  if (sm90_eligible(d, p, options)) {
     if (p.element_type == ElementType::kFloat16) return forward_sm90<__half>(d, p, options, stream);
     return forward_sm90<__nv_bfloat16>(d, p, options, stream);
   }

@@ -1,8 +1,8 @@
-// FlashAttention backward for Hopper (sm_90a), main kernel: warp-specialized, wgmma + TMA.
-// Same division of work as the sm80 kernel (backward_kernel.cuh): one CTA per (key block,
+// FlashAttention backward for Hopper (sm_90a), main kernel at head dims 64 and 128 (256:
+// backward_sm90_wide_kernel.cuh): warp-specialized, wgmma + TMA. Same division of work as the sm80 kernel (backward_kernel.cuh): one CTA per (key block,
 // kv head, batch) keeps K and V in shared memory and dK, dV in registers, sweeps every
 // (query head of the GQA group, query block) that sees its keys, and adds dQ into the
-// float32 workspace with atomics (or leaves dQ to the deterministic pass).
+// float32 workspace (or leaves dQ to the deterministic pass).
 //
 // Warpgroup 0 is the producer: one thread copies K and V once, then Q and dO of each step
 // into a two-stage ring (TMA, mbarriers). Warpgroups 1 and 2 own 64 keys each; per step:
@@ -10,9 +10,10 @@
 //   Pᵀ and dSᵀ = Pᵀ (dPᵀ - delta) (softcap') scale in registers (scores.cuh's element step);
 //   dV += Pᵀ dO and dK += dSᵀ Q with Pᵀ, dSᵀ straight from registers;
 //   dSᵀ also goes to shared memory, where both warpgroups' halves form the A operand of
-//   dQ = dS K; each warpgroup computes half of dQ's columns, stages it in shared memory and
-//   has the copy engine add it into the float32 accumulator (a bulk reduction: per-element
-//   atomics from registers cost a quarter of the kernel's time).
+//   dQ = dS K; each warpgroup computes 64 of dQ's columns (at head dim 64 the first does
+//   all), stages them in shared memory and has the copy engine add them into the float32
+//   accumulator (a bulk reduction: per-element atomics from registers cost a quarter of the
+//   kernel's time).
 #pragma once
 
 #include <cuda.h>
@@ -27,6 +28,7 @@
 #include "cuda/element.cuh"
 #include "cuda/flash_api.h"
 #include "cuda/fragments.cuh"
+#include "cuda/hopper/backward_sm90_steps.cuh"
 #include "cuda/hopper/sm90_ptx.cuh"
 #include "cuda/hopper/wgmma_ops.cuh"
 #include "cuda/ptx.cuh"
@@ -194,19 +196,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       const int stage = step % kStages, parity = step & 1;
       const int head = steps.head(step), query0 = steps.query0(step);
 
-      // lse (log2 units) and delta of the step's queries into this warpgroup's buffer; rows
-      // past seqlen_q get 0, and with their zero Q and dO rows contribute exactly zero.
       float* lse_log2 = vector_base + parity * 2 * kBlockM;
       float* delta = lse_log2 + kBlockM;
-      {
-        const int64_t row_offset = (batch * p.num_heads + head) * p.seqlen_q + query0;
-        const int i = group_thread % kBlockM;
-        const bool valid = query0 + i < seqlen_q;
-        if (group_thread < kBlockM)
-          lse_log2[i] = valid ? p.lse[row_offset + i] * kLog2e : 0.0f;
-        else
-          delta[i] = valid ? workspace.delta[row_offset + i] : 0.0f;
-      }
+      load_step_vectors(lse_log2, delta, p, workspace, batch, head, query0, kBlockM, group_thread);
       sm90::named_barrier_sync(2 + consumer, 128);
 
       sm90::mbarrier_wait(full(stage), (step / kStages) & 1);
@@ -250,19 +242,15 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         pack_a_fragment<Element>(acc_s[0], kk, p_frag[kk]);
         pack_a_fragment<Element>(acc_dp[0], kk, ds_frag[kk]);
       }
-      // dSᵀ to shared memory in the 128-byte swizzled layout (row = key, 64 queries of 2
-      // bytes per row; 16-byte units XORed with the row's index within its group of 8).
+      // dSᵀ to shared memory in the swizzled layout (row = key, 64 queries of 2 bytes).
       const uint32_t ds = ds_smem(parity);
 #pragma unroll
       for (int j = 0; j < kQTiles; ++j)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = warp_key0 + g + 8 * h;
-          const int byte = (8 * j + 2 * t) * 2;
-          const uint32_t address = ds + row * 128 + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
-          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(address),
+        for (int h = 0; h < 2; ++h)
+          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(swizzled_128b(ds, warp_key0 + g + 8 * h,
+                                                                       (8 * j + 2 * t) * 2)),
                        "r"(ds_frag[j / 2][2 * (j & 1) + h]));
-        }
       sm90::fence_shared_for_async();
       sm90::named_barrier_sync(1, 256);  // both halves of dSᵀ are written
 
@@ -296,31 +284,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
         sm90::fence_registers<32>(&acc_dq[0][0][0]);
-        // The previous step's reduction has read the staging buffer; then every thread
-        // writes its part (swizzled: 16-byte units XORed with the row within its 8).
-        const uint32_t dq = dq_base + consumer * Config::kDqBytes;
-        if (group_thread == 0) sm90::bulk_wait_read<0>();
-        sm90::named_barrier_sync(2 + consumer, 128);
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int row = 16 * warp_in_group + g + 8 * h;
-            const int byte = ((8 * j + 2 * t) % 32) * 4;
-            const uint32_t address = dq + (j / 4) * (kBlockM * 128) + row * 128 +
-                                     (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
-            asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(address),
-                         "f"(acc_dq[0][j][2 * h]), "f"(acc_dq[0][j][2 * h + 1]));
-          }
-        sm90::fence_shared_for_async();
-        sm90::named_barrier_sync(2 + consumer, 128);
-        if (group_thread == 0) {
-#pragma unroll
-          for (int chunk = 0; chunk < 2; ++chunk)
-            sm90::tma_reduce_add_4d(&maps.dq, dq + chunk * kBlockM * 128,
-                                    consumer * 64 + chunk * 32, query0, head, batch);
-          sm90::bulk_commit();
-        }
+        reduce_dq_tile(acc_dq, dq_base + consumer * Config::kDqBytes, &maps.dq, consumer * 64,
+                       query0, head, batch, 2 + consumer, group_thread);
       }
     }
     // Shared memory must outlive the reductions reading it.

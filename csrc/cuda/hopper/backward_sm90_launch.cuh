@@ -1,4 +1,5 @@
-// Host-side launch of the Hopper backward's main kernel (head dims 64 and 128): tensor maps,
+// Host-side launch of the Hopper backward's main kernel (head dims 64 and 128 split keys
+// between the consumers, 256 splits columns: backward_sm90_wide_kernel.cuh): tensor maps,
 // shared-memory limit, grid. Included by the sm90 backward instantiation files only;
 // dispatch.cu has checked the call suits it (sm90_backward_eligible) and runs the
 // preprocessing and dQ conversion (or the deterministic dQ pass) around it.
@@ -7,8 +8,10 @@
 #include <cuda_runtime.h>
 
 #include <string>
+#include <type_traits>
 
 #include "cuda/hopper/backward_sm90_kernel.cuh"
+#include "cuda/hopper/backward_sm90_wide_kernel.cuh"
 #include "cuda/hopper/tensor_map.h"
 #include "cuda/launch.h"
 
@@ -17,7 +20,9 @@ namespace jax_flash::cuda {
 template <int kHeadDimClass, typename Element>
 Status launch_backward_sm90(const AttentionParams& p, const BackwardWorkspace& workspace,
                             const LaunchOptions& options, cudaStream_t stream) {
-  using Config = Sm90BackwardConfig<kHeadDimClass>;
+  constexpr bool kWide = kHeadDimClass == 256;
+  using Config = std::conditional_t<kWide, Sm90WideBackwardConfig<kHeadDimClass>,
+                                    Sm90BackwardConfig<kHeadDimClass>>;
   Sm90BackwardMaps maps;
   const struct {
     CUtensorMap* map;
@@ -44,8 +49,14 @@ Status launch_backward_sm90(const AttentionParams& p, const BackwardWorkspace& w
                                      operand.box_rows);
         !s.ok())
       return s;
-  auto kernel = p.has_window() ? backward_kernel_sm90<Config, Element, true>
-                               : backward_kernel_sm90<Config, Element, false>;
+  auto kernel = [&] {
+    if constexpr (kWide)
+      return p.has_window() ? backward_wide_kernel_sm90<Config, Element, true>
+                            : backward_wide_kernel_sm90<Config, Element, false>;
+    else
+      return p.has_window() ? backward_kernel_sm90<Config, Element, true>
+                            : backward_kernel_sm90<Config, Element, false>;
+  }();
   if (Status s = allow_shared_memory(kernel, Config::kSmemBytes, options,
                                      "head_dim " + std::to_string(kHeadDimClass) + " sm90 backward");
       !s.ok())

@@ -10,6 +10,44 @@
 namespace jax_flash::cuda {
 
 template <bool kBFloat16, int kTransA = 0, int kTransB = 0>
+__device__ __forceinline__ void wgmma_ss_n32(float* d, uint64_t desc_a, uint64_t desc_b,
+                                             int scale_d) {
+  if constexpr (kBFloat16 == true) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));
+  }
+  if constexpr (kBFloat16 == false) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, %19, %20;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(kTransA), "n"(kTransB));
+  }
+}
+
+template <bool kBFloat16>
+__device__ __forceinline__ void wgmma_rs_n32(float* d, const uint32_t (&a)[4], uint64_t desc_b,
+                                             int scale_d) {
+  if constexpr (kBFloat16 == true) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+  }
+  if constexpr (kBFloat16 == false) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 1;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+  }
+}
+
+template <bool kBFloat16, int kTransA = 0, int kTransB = 0>
 __device__ __forceinline__ void wgmma_ss_n64(float* d, uint64_t desc_a, uint64_t desc_b,
                                              int scale_d) {
   if constexpr (kBFloat16 == true) {
@@ -125,16 +163,18 @@ __device__ __forceinline__ void wgmma_rs_n256(float* d, const uint32_t (&a)[4], 
 
 template <int kN, bool kBFloat16, int kTransA = 0, int kTransB = 0>
 __device__ __forceinline__ void wgmma_ss(float* d, uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  static_assert(kN == 64 || kN == 128 || kN == 256, "generate this width");
-  if constexpr (kN == 64) wgmma_ss_n64<kBFloat16, kTransA, kTransB>(d, desc_a, desc_b, scale_d);
+  static_assert(kN == 32 || kN == 64 || kN == 128 || kN == 256, "generate this width");
+  if constexpr (kN == 32) wgmma_ss_n32<kBFloat16, kTransA, kTransB>(d, desc_a, desc_b, scale_d);
+  else if constexpr (kN == 64) wgmma_ss_n64<kBFloat16, kTransA, kTransB>(d, desc_a, desc_b, scale_d);
   else if constexpr (kN == 128) wgmma_ss_n128<kBFloat16, kTransA, kTransB>(d, desc_a, desc_b, scale_d);
   else if constexpr (kN == 256) wgmma_ss_n256<kBFloat16, kTransA, kTransB>(d, desc_a, desc_b, scale_d);
 }
 
 template <int kN, bool kBFloat16>
 __device__ __forceinline__ void wgmma_rs(float* d, const uint32_t (&a)[4], uint64_t desc_b, int scale_d) {
-  static_assert(kN == 64 || kN == 128 || kN == 256, "generate this width");
-  if constexpr (kN == 64) wgmma_rs_n64<kBFloat16>(d, a, desc_b, scale_d);
+  static_assert(kN == 32 || kN == 64 || kN == 128 || kN == 256, "generate this width");
+  if constexpr (kN == 32) wgmma_rs_n32<kBFloat16>(d, a, desc_b, scale_d);
+  else if constexpr (kN == 64) wgmma_rs_n64<kBFloat16>(d, a, desc_b, scale_d);
   else if constexpr (kN == 128) wgmma_rs_n128<kBFloat16>(d, a, desc_b, scale_d);
   else if constexpr (kN == 256) wgmma_rs_n256<kBFloat16>(d, a, desc_b, scale_d);
 }

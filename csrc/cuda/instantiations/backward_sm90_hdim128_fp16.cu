@@ -3,5 +3,5 @@
 
 namespace jax_flash::cuda {
 template Status launch_backward_sm90<128, __half>(const AttentionParams&, const BackwardWorkspace&,
-                                                const LaunchOptions&, cudaStream_t);
+                                                  const LaunchOptions&, cudaStream_t);
 }  // namespace jax_flash::cuda

@@ -1,0 +1,301 @@
+// FlashAttention backward for Hopper (sm_90a), main kernel for head dim 256.
+// At 256 columns one warpgroup cannot hold dK and dV of 64 keys (256 accumulator registers
+// per thread), so the two consumer warpgroups split the head dim instead of the keys: one CTA
+// per (64-key block, kv head, batch); consumer c owns columns [128c, 128c + 128) of dK, dV
+// and dQ. Per 64-query step:
+//   Sᵀ = K Qᵀ and dPᵀ = V dOᵀ, each consumer computing 32 of the 64 query columns (no
+//   product done twice), then Pᵀ and dSᵀ in registers (scores.cuh's element step);
+//   both go to shared memory, where they are whole again for
+//   dV[:, c] += Pᵀ dO[:, c] and dK[:, c] += dSᵀ Q[:, c] (both operands from shared memory),
+//   dQ[:, c] = dS K[:, c] in two 64-column passes, each reduced into the float32
+//   accumulator by a TMA bulk reduction (backward_sm90_steps.cuh).
+// Shared memory (227 KB at most) holds K, V, two stages of Q and one of dO: dO is freed
+// first (after dV's product), so its next load overlaps dK, dQ and the next Sᵀ.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "common/attention_params.h"
+#include "cuda/backward_steps.cuh"
+#include "cuda/element.cuh"
+#include "cuda/flash_api.h"
+#include "cuda/hopper/backward_sm90_kernel.cuh"
+#include "cuda/hopper/backward_sm90_steps.cuh"
+#include "cuda/hopper/sm90_ptx.cuh"
+#include "cuda/hopper/wgmma_ops.cuh"
+#include "cuda/ptx.cuh"
+#include "cuda/scores.cuh"
+
+namespace jax_flash::cuda {
+
+template <int kHeadDim_>
+struct Sm90WideBackwardConfig {
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = 64;  // keys per CTA, shared by both consumers
+  static constexpr int kBlockM = 64;  // queries per step
+  static constexpr int kQStages = 2;  // dO has one stage: the shared-memory budget
+  static constexpr int kConsumers = 2;
+  static constexpr int kThreads = 128 * (1 + kConsumers);
+  static constexpr int kChunks = kHeadDim / 64;
+  static constexpr int kColumns = kHeadDim / kConsumers;  // of dK, dV, dQ per consumer
+  static constexpr int kQueries = kBlockM / kConsumers;   // Sᵀ columns per consumer
+  static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kScoreBytes = kBlockN * kBlockM * 2;  // Pᵀ or dSᵀ, [key][query]
+  static constexpr int kDqBytes = kBlockM * 64 * 4;          // one consumer's staging tile
+  static constexpr int kVectorBytes = 2 * kQueries * 4;      // lse and delta of its queries
+  static constexpr int kBarriers = 1 + 2 * kQStages + 2;     // K/V; Q full/empty; dO full/empty
+  static constexpr int kSmemBytes = 2 * kKVBytes + (kQStages + 1) * kQBytes +
+                                    2 * 2 * kScoreBytes + kConsumers * kDqBytes +
+                                    2 * kConsumers * kVectorBytes + 8 * kBarriers + 1024;
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = 240;
+  static_assert(kHeadDim == 256, "the column split is for head dim 256");
+  static_assert(kBlockM == 64 && kBlockN == 64, "Pᵀ and dSᵀ rows are one 128-byte swizzle span");
+  static_assert(kSmemBytes <= 227 * 1024, "Hopper's shared memory per block");
+};
+
+template <class Config, typename Element, bool kHasWindow>
+__global__ void __launch_bounds__(Config::kThreads, 1)
+    backward_wide_kernel_sm90(const __grid_constant__ AttentionParams p,
+                              const __grid_constant__ BackwardWorkspace workspace,
+                              const __grid_constant__ Sm90BackwardMaps maps) {
+  constexpr int kBlockM = Config::kBlockM, kBlockN = Config::kBlockN;
+  constexpr int kQStages = Config::kQStages, kChunks = Config::kChunks;
+  constexpr int kHeadDim = Config::kHeadDim, kQueries = Config::kQueries;
+  constexpr bool kBF16 = ElementTraits<Element>::kIsBFloat16;
+  using Traits = ElementTraits<Element>;
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = shared_address(smem_raw);
+  const uint32_t smem = (raw + 1023u) & ~1023u;
+  // K and V as kChunks column chunks of [kBlockN][64]; Q stages then dO, each as chunks of
+  // [kBlockM][64]; Pᵀ and dSᵀ per step parity; dQ staging; lse/delta; barriers.
+  const uint32_t k_smem = smem, v_smem = smem + Config::kKVBytes;
+  auto q_smem = [&](int stage) { return smem + 2 * Config::kKVBytes + stage * Config::kQBytes; };
+  const uint32_t do_smem = q_smem(kQStages);
+  const uint32_t scores_base = do_smem + Config::kQBytes;
+  auto p_smem = [&](int parity) { return scores_base + 2 * parity * Config::kScoreBytes; };
+  auto ds_smem = [&](int parity) { return p_smem(parity) + Config::kScoreBytes; };
+  const uint32_t dq_base = scores_base + 4 * Config::kScoreBytes;
+  const uint32_t vectors = dq_base + Config::kConsumers * Config::kDqBytes;
+  const uint32_t barriers = vectors + 2 * Config::kConsumers * Config::kVectorBytes;
+  const uint32_t kv_full = barriers;
+  auto q_full = [&](int stage) { return barriers + 8 * (1 + stage); };
+  auto q_empty = [&](int stage) { return barriers + 8 * (1 + kQStages + stage); };
+  const uint32_t do_full = barriers + 8 * (1 + 2 * kQStages);
+  const uint32_t do_empty = do_full + 8;
+
+  const int thread = threadIdx.x;
+  const int key_block = blockIdx.x, head_kv = blockIdx.y, batch = blockIdx.z;
+  const int seqlen_q = static_cast<int>(p.seqlen_q), seqlen_k = static_cast<int>(p.seqlen_k);
+  const int group_size = static_cast<int>(p.num_heads / p.num_heads_kv);
+  const int key0 = key_block * kBlockN;
+  const int valid_keys = min(kBlockN, seqlen_k - key0);
+
+  const IndexRange queries = visible_queries(p, key0, key0 + valid_keys);
+  const QuerySteps<kBlockM> steps = QuerySteps<kBlockM>::make(queries, head_kv, group_size);
+  const int num_steps = steps.count;
+
+  if (thread == 0) {
+    sm90::mbarrier_init(kv_full, 1);
+    for (int stage = 0; stage < kQStages; ++stage) {
+      sm90::mbarrier_init(q_full(stage), 1);
+      sm90::mbarrier_init(q_empty(stage), 4 * Config::kConsumers);  // one per consumer warp
+    }
+    sm90::mbarrier_init(do_full, 1);
+    sm90::mbarrier_init(do_empty, 4 * Config::kConsumers);
+    sm90::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const int warpgroup = thread / 128;
+  if (warpgroup == 0) {
+    sm90::registers_decrease<Config::kProducerRegisters>();
+    if (thread == 0 && num_steps > 0) {
+      sm90::prefetch_tensor_map(&maps.q);
+      sm90::prefetch_tensor_map(&maps.dout);
+      sm90::mbarrier_arrive_expect_tx(kv_full, 2 * Config::kKVBytes);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        sm90::tma_load_4d(k_smem + c * kBlockN * 128, &maps.k, kv_full, 64 * c, key0, head_kv,
+                          batch);
+        sm90::tma_load_4d(v_smem + c * kBlockN * 128, &maps.v, kv_full, 64 * c, key0, head_kv,
+                          batch);
+      }
+      for (int step = 0; step < num_steps; ++step) {
+        const int stage = step % kQStages, use = step / kQStages;
+        const int head = steps.head(step), query0 = steps.query0(step);
+        if (use > 0) sm90::mbarrier_wait(q_empty(stage), (use - 1) & 1);
+        sm90::mbarrier_arrive_expect_tx(q_full(stage), Config::kQBytes);
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c)
+          sm90::tma_load_4d(q_smem(stage) + c * kBlockM * 128, &maps.q, q_full(stage), 64 * c,
+                            query0, head, batch);
+        if (step > 0) sm90::mbarrier_wait(do_empty, (step - 1) & 1);
+        sm90::mbarrier_arrive_expect_tx(do_full, Config::kQBytes);
+#pragma unroll
+        for (int c = 0; c < kChunks; ++c)
+          sm90::tma_load_4d(do_smem + c * kBlockM * 128, &maps.dout, do_full, 64 * c, query0,
+                            head, batch);
+      }
+    }
+  } else {
+    sm90::registers_increase<Config::kConsumerRegisters>();
+    const int consumer = warpgroup - 1;
+    const int group_thread = thread & 127, lane = thread & 31, warp_in_group = group_thread >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int warp_key0 = 16 * warp_in_group;  // this warp's 16 keys (rows of Sᵀ)
+    const int query_column0 = kQueries * consumer;  // this consumer's Sᵀ columns
+    const int column0 = Config::kColumns * consumer;  // and dK/dV/dQ columns
+    const KeyWindow window = KeyWindow::make(p);
+    float* vector_base = reinterpret_cast<float*>(smem_raw + (vectors - raw)) +
+                         consumer * 2 * (Config::kVectorBytes / 4);
+
+    float acc_dv[1][Config::kColumns / 8][4], acc_dk[1][Config::kColumns / 8][4];
+    zero(acc_dv);
+    zero(acc_dk);
+
+    using sm90::opaque;
+    // acc (keys x this consumer's queries) = `kv` (all keys) times its rows of `qd`.
+    auto issue_keys_by_queries = [&](float* acc, uint32_t kv, uint32_t qd) {
+      const uint64_t a0 = opaque(sm90::smem_descriptor(kv, 16, 1024));
+      const uint64_t b0 = opaque(sm90::smem_descriptor(qd + query_column0 * 128, 16, 1024));
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const uint32_t column = (kk % 4) * 32;
+        wgmma_ss<kQueries, kBF16>(acc, a0 + (((kk / 4) * kBlockN * 128 + column) >> 4),
+                                  b0 + (((kk / 4) * kBlockM * 128 + column) >> 4), kk > 0);
+      }
+    };
+    // acc (keys x this consumer's columns) += `scores` (keys x queries) times `qd`'s columns.
+    auto issue_accumulate = [&](float* acc, uint32_t scores, uint32_t qd) {
+      const uint64_t a0 = opaque(sm90::smem_descriptor(scores, 16, 1024));
+      const uint64_t b0 = opaque(sm90::smem_descriptor(qd + (column0 / 64) * kBlockM * 128,
+                                                       kBlockM * 128, 1024));
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk)
+        wgmma_ss<Config::kColumns, kBF16, 0, 1>(acc, a0 + ((kk * 32) >> 4),
+                                                b0 + ((kk * 16 * 128) >> 4), 1);
+    };
+
+    if (num_steps > 0) sm90::mbarrier_wait(kv_full, 0);
+    for (int step = 0; step < num_steps; ++step) {
+      const int stage = step % kQStages, parity = step & 1;
+      const int head = steps.head(step), query0 = steps.query0(step);
+
+      float* lse_log2 = vector_base + parity * 2 * kQueries;
+      float* delta = lse_log2 + kQueries;
+      load_step_vectors(lse_log2, delta, p, workspace, batch, head, query0 + query_column0,
+                        kQueries, group_thread);
+      sm90::named_barrier_sync(2 + consumer, 128);
+
+      sm90::mbarrier_wait(q_full(stage), (step / kQStages) & 1);
+      sm90::mbarrier_wait(do_full, step & 1);
+      float acc_s[1][kQueries / 8][4], acc_dp[1][kQueries / 8][4];
+      sm90::wgmma_fence();
+      issue_keys_by_queries(&acc_s[0][0][0], k_smem, q_smem(stage));
+      issue_keys_by_queries(&acc_dp[0][0][0], v_smem, do_smem);
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers<kQueries / 2>(&acc_s[0][0][0]);
+      sm90::fence_registers<kQueries / 2>(&acc_dp[0][0][0]);
+
+      const ScoreTransform transform = ScoreTransform::make(p, batch, head);
+      const bool masked = window.tile_needs_mask<kHasWindow>(
+          query0, min(query0 + kBlockM, seqlen_q), key0, key0 + kBlockN);
+      auto probabilities_and_grads = [&](auto general_tag) {
+        constexpr bool kGeneral = decltype(general_tag)::value;
+#pragma unroll
+        for (int j = 0; j < kQueries / 8; ++j)
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int key = key0 + warp_key0 + g + 8 * (c >> 1);
+            const int column = 8 * j + 2 * t + (c & 1);
+            const float2 pg = probability_and_grad<kGeneral, kHasWindow>(
+                acc_s[0][j][c], acc_dp[0][j][c], lse_log2[column], delta[column], transform,
+                window, masked, false, query0 + query_column0 + column, key);
+            acc_s[0][j][c] = pg.x;
+            acc_dp[0][j][c] = pg.y;
+          }
+      };
+      if (transform.plain && !masked) {
+        probabilities_and_grads(std::false_type{});
+      } else {
+        probabilities_and_grads(std::true_type{});
+      }
+      // This consumer's columns of Pᵀ and dSᵀ into the step's swizzled tiles; the other
+      // consumer writes the rest. Those tiles were last read two steps ago, which the
+      // barrier below of the previous step has ordered before these writes.
+      const uint32_t p_tile = p_smem(parity), ds_tile = ds_smem(parity);
+#pragma unroll
+      for (int j = 0; j < kQueries / 8; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int row = warp_key0 + g + 8 * h;
+          const int byte = (query_column0 + 8 * j + 2 * t) * 2;
+          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(swizzled_128b(p_tile, row, byte)),
+                       "r"(Traits::pack(acc_s[0][j][2 * h], acc_s[0][j][2 * h + 1])));
+          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(swizzled_128b(ds_tile, row, byte)),
+                       "r"(Traits::pack(acc_dp[0][j][2 * h], acc_dp[0][j][2 * h + 1])));
+        }
+      sm90::fence_shared_for_async();
+      sm90::named_barrier_sync(1, 256);  // both consumers' columns are written
+
+      sm90::wgmma_fence();
+      issue_accumulate(&acc_dv[0][0][0], p_tile, do_smem);
+      sm90::wgmma_commit();
+      issue_accumulate(&acc_dk[0][0][0], ds_tile, q_smem(stage));
+      sm90::wgmma_commit();
+      sm90::wgmma_wait<1>();
+      sm90::fence_registers<Config::kColumns / 2>(&acc_dv[0][0][0]);
+      __syncwarp();
+      if (lane == 0) sm90::mbarrier_arrive(do_empty);  // dO is free: its next load starts
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers<Config::kColumns / 2>(&acc_dk[0][0][0]);
+      __syncwarp();
+      if (lane == 0) sm90::mbarrier_arrive(q_empty(stage));
+      if (!p.deterministic) {
+        // dQ[:, pass chunk] = dS K[:, chunk]: A is dSᵀ read query-major, B is K read
+        // column-major, both transposed in the descriptors.
+        const uint64_t a0 = opaque(sm90::smem_descriptor(ds_tile, 8192, 1024));
+#pragma unroll
+        for (int pass = 0; pass < Config::kColumns / 64; ++pass) {
+          const int chunk = column0 / 64 + pass;
+          float acc_dq[1][8][4];
+          const uint64_t b0 =
+              opaque(sm90::smem_descriptor(k_smem + chunk * kBlockN * 128, kBlockN * 128, 1024));
+          sm90::wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kBlockN / 16; ++kk)
+            wgmma_ss<64, kBF16, 1, 1>(&acc_dq[0][0][0], a0 + ((kk * 16 * 128) >> 4),
+                                      b0 + ((kk * 16 * 128) >> 4), kk > 0);
+          sm90::wgmma_commit();
+          sm90::wgmma_wait<0>();
+          sm90::fence_registers<32>(&acc_dq[0][0][0]);
+          reduce_dq_tile(acc_dq, dq_base + consumer * Config::kDqBytes, &maps.dq, 64 * chunk,
+                         query0, head, batch, 2 + consumer, group_thread);
+        }
+      }
+    }
+    // Shared memory must outlive the reductions reading it.
+    if (group_thread == 0) sm90::bulk_wait<0>();
+
+    // This consumer's columns of dK and dV for this warp's keys, summed over the group.
+    const int rows = valid_keys - warp_key0;
+    Element* dk = static_cast<Element*>(p.dk) + batch * p.k_strides.batch +
+                  (key0 + warp_key0) * p.k_strides.row + head_kv * p.k_strides.head + column0;
+    Element* dv = static_cast<Element*>(p.dv) + batch * p.v_strides.batch +
+                  (key0 + warp_key0) * p.v_strides.row + head_kv * p.v_strides.head + column0;
+    store_tile<Element>(acc_dk, dk, p.k_strides.row, rows, Config::kColumns, /*vectorized=*/true,
+                        lane);
+    store_tile<Element>(acc_dv, dv, p.v_strides.row, rows, Config::kColumns, /*vectorized=*/true,
+                        lane);
+  }
+}
+
+}  // namespace jax_flash::cuda
