@@ -69,11 +69,9 @@ struct Sm90BackwardConfig {
                                     8 * kBarriers + 1024;
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;
-  // Head dim 64: each consumer multiplies its own 64 keys' dS by K, a partial dQ over its
-  // keys that it reduces into the accumulator on its own, so the consumers never wait for
-  // each other. At 128 those partials would double both the reductions and the accumulator
-  // registers, so each consumer computes 64 columns from both consumers' halves of dSᵀ.
-  static constexpr bool kDqByConsumerKeys = kHeadDim == 64;
+  // dQ's columns in 64-column chunks, one per consumer that computes any (head dim 64: the
+  // first consumer alone, whose product then covers all of them).
+  static constexpr int kDqConsumers = kHeadDim / 64;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims with a Hopper backward");
   static_assert(kBlockM == 64, "dSᵀ rows are one 128-byte swizzle span");
   static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= 512, "register file");
@@ -254,10 +252,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
                                                                        (8 * j + 2 * t) * 2)),
                        "r"(ds_frag[j / 2][2 * (j & 1) + h]));
       sm90::fence_shared_for_async();
-      if constexpr (Config::kDqByConsumerKeys)
-        sm90::named_barrier_sync(2 + consumer, 128);  // this consumer's rows are written
-      else
-        sm90::named_barrier_sync(1, 256);  // both halves of dSᵀ are written
+      sm90::named_barrier_sync(1, 256);  // both halves of dSᵀ are written
 
       sm90::wgmma_fence();
       issue_accumulate(&acc_dv[0][0][0], p_frag, do_smem(stage));
@@ -272,26 +267,24 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       sm90::fence_registers<kBlockM / 4>(&ds_frag[0][0]);
       __syncwarp();
       if (lane == 0) sm90::mbarrier_arrive(empty(stage));  // Q and dO of this stage are free
-      if (!p.deterministic) {
-        // dQ = dS K, for this consumer's 64 columns (or, kDqByConsumerKeys, over its 64
-        // keys): A is dSᵀ read query-major, B is K read column-major, both transposed in
-        // the descriptors.
+      const bool computes_dq =
+          Config::kDqConsumers == Config::kConsumers || consumer < Config::kDqConsumers;
+      if (!p.deterministic && computes_dq) {
+        // dQ[:, chunk] = dS K[:, chunk] for this consumer's 64-column chunk: A is dSᵀ read
+        // query-major, B is K read column-major, both transposed in the descriptors.
         float acc_dq[1][8][4];
-        constexpr int kDqKeys = Config::kDqByConsumerKeys ? 64 : kBlockN;
-        const int dq_key0 = Config::kDqByConsumerKeys ? key_row0 : 0;
-        const int dq_column0 = Config::kDqByConsumerKeys ? 0 : 64 * consumer;
-        const uint64_t a0 = opaque(sm90::smem_descriptor(ds + dq_key0 * 128, 8192, 1024));
-        const uint64_t b0 = opaque(sm90::smem_descriptor(
-            k_smem + (dq_column0 / 64) * kBlockN * 128 + dq_key0 * 128, kBlockN * 128, 1024));
+        const uint64_t a0 = opaque(sm90::smem_descriptor(ds, 8192, 1024));
+        const uint64_t b0 = opaque(sm90::smem_descriptor(k_smem + consumer * kBlockN * 128,
+                                                         kBlockN * 128, 1024));
         sm90::wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kDqKeys / 16; ++kk)
+        for (int kk = 0; kk < kBlockN / 16; ++kk)
           wgmma_ss<64, kBF16, 1, 1>(&acc_dq[0][0][0], a0 + ((kk * 16 * 128) >> 4),
-                                    b0 + ((kk * 16 * 128) >> 4), kk > 0);
+                                              b0 + ((kk * 16 * 128) >> 4), kk > 0);
         sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
         sm90::fence_registers<32>(&acc_dq[0][0][0]);
-        reduce_dq_tile(acc_dq, dq_base + consumer * Config::kDqBytes, &maps.dq, dq_column0,
+        reduce_dq_tile(acc_dq, dq_base + consumer * Config::kDqBytes, &maps.dq, consumer * 64,
                        query0, head, batch, 2 + consumer, group_thread);
       }
     }
