@@ -37,14 +37,6 @@
 
 namespace jax_flash::cuda {
 
-// Q and dO seen as (head_dim, seqlen_q, heads, batch), boxes of 64 columns by kBlockM rows;
-// K and V as (head_dim, seqlen_k, heads_kv, batch), boxes of 64 columns by kBlockN rows.
-// dq is the float32 accumulator (batch, heads, seqlen_q, head_dim) as (head_dim, seqlen_q,
-// heads, batch), boxes of 32 columns by kBlockM rows, which the kernel adds into.
-struct Sm90BackwardMaps {
-  CUtensorMap q, dout, k, v, dq;
-};
-
 template <int kHeadDim_>
 struct Sm90BackwardConfig {
   static constexpr int kHeadDim = kHeadDim_;
@@ -107,7 +99,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int thread = threadIdx.x;
   const int key_block = blockIdx.x, head_kv = blockIdx.y, batch = blockIdx.z;
   const int seqlen_q = static_cast<int>(p.seqlen_q), seqlen_k = static_cast<int>(p.seqlen_k);
-  const int head_dim = static_cast<int>(p.head_dim);
   const int group_size = static_cast<int>(p.num_heads / p.num_heads_kv);
   const int key0 = key_block * kBlockN;
   const int valid_keys = min(kBlockN, seqlen_k - key0);
@@ -130,28 +121,16 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   if (warpgroup == 0) {
     sm90::registers_decrease<Config::kProducerRegisters>();
     if (thread == 0 && num_steps > 0) {
-      sm90::prefetch_tensor_map(&maps.q);
-      sm90::prefetch_tensor_map(&maps.dout);
-      sm90::mbarrier_arrive_expect_tx(kv_full, 2 * Config::kKVBytes);
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        sm90::tma_load_4d(k_smem + c * kBlockN * 128, &maps.k, kv_full, 64 * c, key0, head_kv,
-                          batch);
-        sm90::tma_load_4d(v_smem + c * kBlockN * 128, &maps.v, kv_full, 64 * c, key0, head_kv,
-                          batch);
-      }
+      load_key_block<kChunks, kBlockN>(maps, k_smem, v_smem, kv_full, key0, head_kv, batch);
       for (int step = 0; step < num_steps; ++step) {
         const int stage = step % kStages, use = step / kStages;
         const int head = steps.head(step), query0 = steps.query0(step);
         if (use > 0) sm90::mbarrier_wait(empty(stage), (use - 1) & 1);
         sm90::mbarrier_arrive_expect_tx(full(stage), 2 * Config::kQBytes);
-#pragma unroll
-        for (int c = 0; c < kChunks; ++c) {
-          sm90::tma_load_4d(q_smem(stage) + c * kBlockM * 128, &maps.q, full(stage), 64 * c, query0,
-                            head, batch);
-          sm90::tma_load_4d(do_smem(stage) + c * kBlockM * 128, &maps.dout, full(stage), 64 * c,
-                            query0, head, batch);
-        }
+        sm90::tma_load_tile<kChunks, kBlockM>(q_smem(stage), &maps.q, full(stage), query0, head,
+                                              batch);
+        sm90::tma_load_tile<kChunks, kBlockM>(do_smem(stage), &maps.dout, full(stage), query0, head,
+                                              batch);
       }
     }
   } else {
@@ -216,26 +195,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       const ScoreTransform transform = ScoreTransform::make(p, batch, head);
       const bool masked = window.tile_needs_mask<kHasWindow>(
           query0, min(query0 + kBlockM, seqlen_q), key0, key0 + kBlockN);
-      auto probabilities_and_grads = [&](auto general_tag) {
-        constexpr bool kGeneral = decltype(general_tag)::value;
-#pragma unroll
-        for (int j = 0; j < kQTiles; ++j)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int key = key0 + warp_key0 + g + 8 * (c >> 1);
-            const int column = 8 * j + 2 * t + (c & 1);
-            const float2 pg = probability_and_grad<kGeneral, kHasWindow>(
-                acc_s[0][j][c], acc_dp[0][j][c], lse_log2[column], delta[column], transform,
-                window, masked, false, query0 + column, key);
-            acc_s[0][j][c] = pg.x;
-            acc_dp[0][j][c] = pg.y;
-          }
-      };
-      if (transform.plain && !masked) {
-        probabilities_and_grads(std::false_type{});
-      } else {
-        probabilities_and_grads(std::true_type{});
-      }
+      probabilities_and_grads<kHasWindow>(acc_s, acc_dp, lse_log2, delta, transform, window, masked,
+                                          query0, key0 + warp_key0, lane);
       uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];
 #pragma unroll
       for (int kk = 0; kk < kBlockM / 16; ++kk) {
@@ -292,13 +253,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     if (group_thread == 0) sm90::bulk_wait<0>();
 
     // dK and dV of this warp's keys, summed over the group; zero if no query sees them.
-    const int rows = valid_keys - warp_key0;
-    Element* dk = static_cast<Element*>(p.dk) + batch * p.k_strides.batch +
-                  (key0 + warp_key0) * p.k_strides.row + head_kv * p.k_strides.head;
-    Element* dv = static_cast<Element*>(p.dv) + batch * p.v_strides.batch +
-                  (key0 + warp_key0) * p.v_strides.row + head_kv * p.v_strides.head;
-    store_tile<Element>(acc_dk, dk, p.k_strides.row, rows, head_dim, /*vectorized=*/true, lane);
-    store_tile<Element>(acc_dv, dv, p.v_strides.row, rows, head_dim, /*vectorized=*/true, lane);
+    store_dk_dv<Element>(acc_dk, acc_dv, p, batch, head_kv, key0 + warp_key0, 0,
+                         valid_keys - warp_key0, lane);
   }
 }
 

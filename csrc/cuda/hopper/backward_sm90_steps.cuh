@@ -1,18 +1,44 @@
-// Steps both Hopper backward kernels take the same way: addresses in a 128-byte swizzled
-// shared tile, and dQ's trip from a warpgroup's accumulators through shared memory into the
-// float32 accumulator in global memory (a TMA bulk reduction).
+// Steps both Hopper backward kernels take the same way: their tensor maps and first copies,
+// addresses in a 128-byte swizzled shared tile, the element step from Sᵀ and dPᵀ to Pᵀ and
+// dSᵀ, the dK/dV stores, and dQ's trip from a warpgroup's accumulators through shared
+// memory into the float32 accumulator in global memory (a TMA bulk reduction).
 #pragma once
 
 #include <cuda.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/attention_params.h"
+#include "cuda/element.cuh"
 #include "cuda/flash_api.h"
+#include "cuda/fragments.cuh"
 #include "cuda/hopper/sm90_ptx.cuh"
 #include "cuda/scores.cuh"
 
 namespace jax_flash::cuda {
+
+// Q and dO seen as (head_dim, seqlen_q, heads, batch), boxes of 64 columns by kBlockM rows;
+// K and V as (head_dim, seqlen_k, heads_kv, batch), boxes of 64 columns by kBlockN rows.
+// dq is the float32 accumulator (batch, heads, seqlen_q, head_dim) as (head_dim, seqlen_q,
+// heads, batch), boxes of 32 columns by kBlockM rows, which the kernel adds into.
+struct Sm90BackwardMaps {
+  CUtensorMap q, dout, k, v, dq;
+};
+
+// The producer's first copies: K and V of the CTA's key block, which stay for the whole
+// sweep (kChunks chunks of kBlockN rows each, completing on kv_full), and the Q and dO tensor
+// maps into the descriptor cache.
+template <int kChunks, int kBlockN>
+__device__ __forceinline__ void load_key_block(const Sm90BackwardMaps& maps, uint32_t k_smem,
+                                               uint32_t v_smem, uint32_t kv_full, int key0,
+                                               int head_kv, int batch) {
+  sm90::prefetch_tensor_map(&maps.q);
+  sm90::prefetch_tensor_map(&maps.dout);
+  sm90::mbarrier_arrive_expect_tx(kv_full, 2 * kChunks * kBlockN * 128);
+  sm90::tma_load_tile<kChunks, kBlockN>(k_smem, &maps.k, kv_full, key0, head_kv, batch);
+  sm90::tma_load_tile<kChunks, kBlockN>(v_smem, &maps.v, kv_full, key0, head_kv, batch);
+}
 
 // The shared address of byte `byte` of row `row` in a tile of 128-byte rows stored with the
 // 128-byte swizzle (TMA's and wgmma's layout): 16-byte units XORed with the row's index
@@ -71,6 +97,54 @@ __device__ __forceinline__ void reduce_dq_tile(const float (&acc_dq)[1][8][4], u
                               head, batch);
     sm90::bulk_commit();
   }
+}
+
+// Pᵀ into acc_s and dSᵀ into acc_dp, in place, for one warp's wgmma accumulators of Sᵀ and
+// dPᵀ: 16 keys from `key0` by 8 * kTiles queries from `query0`, whose lse (log2 units) and
+// delta are lse_log2[0..] and delta[0..]. Most tiles take the short path, with no index
+// arithmetic (a uniform branch per step).
+template <bool kHasWindow, int kTiles>
+__device__ __forceinline__ void probabilities_and_grads(float (&acc_s)[1][kTiles][4],
+                                                        float (&acc_dp)[1][kTiles][4],
+                                                        const float* lse_log2, const float* delta,
+                                                        const ScoreTransform& transform,
+                                                        const KeyWindow& window, bool masked,
+                                                        int query0, int key0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  auto elements = [&](auto general_tag) {
+    constexpr bool kGeneral = decltype(general_tag)::value;
+#pragma unroll
+    for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int column = 8 * j + 2 * t + (c & 1);
+        const float2 pg = probability_and_grad<kGeneral, kHasWindow>(
+            acc_s[0][j][c], acc_dp[0][j][c], lse_log2[column], delta[column], transform, window,
+            masked, false, query0 + column, key0 + g + 8 * (c >> 1));
+        acc_s[0][j][c] = pg.x;
+        acc_dp[0][j][c] = pg.y;
+      }
+  };
+  if (transform.plain && !masked) {
+    elements(std::false_type{});
+  } else {
+    elements(std::true_type{});
+  }
+}
+
+// A warp's dK and dV accumulators (16 keys from key0 by 8 * kTiles columns from column0,
+// summed over the GQA group) to dk and dv; rows past `rows` are not written.
+template <typename Element, int kTiles>
+__device__ __forceinline__ void store_dk_dv(const float (&acc_dk)[1][kTiles][4],
+                                            const float (&acc_dv)[1][kTiles][4],
+                                            const AttentionParams& p, int batch, int head_kv,
+                                            int key0, int column0, int rows, int lane) {
+  Element* dk = static_cast<Element*>(p.dk) + batch * p.k_strides.batch +
+                key0 * p.k_strides.row + head_kv * p.k_strides.head + column0;
+  Element* dv = static_cast<Element*>(p.dv) + batch * p.v_strides.batch +
+                key0 * p.v_strides.row + head_kv * p.v_strides.head + column0;
+  store_tile<Element>(acc_dk, dk, p.k_strides.row, rows, 8 * kTiles, /*vectorized=*/true, lane);
+  store_tile<Element>(acc_dv, dv, p.v_strides.row, rows, 8 * kTiles, /*vectorized=*/true, lane);
 }
 
 }  // namespace jax_flash::cuda

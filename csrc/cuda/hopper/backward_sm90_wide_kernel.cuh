@@ -117,31 +117,17 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   if (warpgroup == 0) {
     sm90::registers_decrease<Config::kProducerRegisters>();
     if (thread == 0 && num_steps > 0) {
-      sm90::prefetch_tensor_map(&maps.q);
-      sm90::prefetch_tensor_map(&maps.dout);
-      sm90::mbarrier_arrive_expect_tx(kv_full, 2 * Config::kKVBytes);
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        sm90::tma_load_4d(k_smem + c * kBlockN * 128, &maps.k, kv_full, 64 * c, key0, head_kv,
-                          batch);
-        sm90::tma_load_4d(v_smem + c * kBlockN * 128, &maps.v, kv_full, 64 * c, key0, head_kv,
-                          batch);
-      }
+      load_key_block<kChunks, kBlockN>(maps, k_smem, v_smem, kv_full, key0, head_kv, batch);
       for (int step = 0; step < num_steps; ++step) {
         const int stage = step % kQStages, use = step / kQStages;
         const int head = steps.head(step), query0 = steps.query0(step);
         if (use > 0) sm90::mbarrier_wait(q_empty(stage), (use - 1) & 1);
         sm90::mbarrier_arrive_expect_tx(q_full(stage), Config::kQBytes);
-#pragma unroll
-        for (int c = 0; c < kChunks; ++c)
-          sm90::tma_load_4d(q_smem(stage) + c * kBlockM * 128, &maps.q, q_full(stage), 64 * c,
-                            query0, head, batch);
+        sm90::tma_load_tile<kChunks, kBlockM>(q_smem(stage), &maps.q, q_full(stage), query0, head,
+                                              batch);
         if (step > 0) sm90::mbarrier_wait(do_empty, (step - 1) & 1);
         sm90::mbarrier_arrive_expect_tx(do_full, Config::kQBytes);
-#pragma unroll
-        for (int c = 0; c < kChunks; ++c)
-          sm90::tma_load_4d(do_smem + c * kBlockM * 128, &maps.dout, do_full, 64 * c, query0,
-                            head, batch);
+        sm90::tma_load_tile<kChunks, kBlockM>(do_smem, &maps.dout, do_full, query0, head, batch);
       }
     }
   } else {
@@ -208,26 +194,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       const ScoreTransform transform = ScoreTransform::make(p, batch, head);
       const bool masked = window.tile_needs_mask<kHasWindow>(
           query0, min(query0 + kBlockM, seqlen_q), key0, key0 + kBlockN);
-      auto probabilities_and_grads = [&](auto general_tag) {
-        constexpr bool kGeneral = decltype(general_tag)::value;
-#pragma unroll
-        for (int j = 0; j < kQueries / 8; ++j)
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int key = key0 + warp_key0 + g + 8 * (c >> 1);
-            const int column = 8 * j + 2 * t + (c & 1);
-            const float2 pg = probability_and_grad<kGeneral, kHasWindow>(
-                acc_s[0][j][c], acc_dp[0][j][c], lse_log2[column], delta[column], transform,
-                window, masked, false, query0 + query_column0 + column, key);
-            acc_s[0][j][c] = pg.x;
-            acc_dp[0][j][c] = pg.y;
-          }
-      };
-      if (transform.plain && !masked) {
-        probabilities_and_grads(std::false_type{});
-      } else {
-        probabilities_and_grads(std::true_type{});
-      }
+      probabilities_and_grads<kHasWindow>(acc_s, acc_dp, lse_log2, delta, transform, window, masked,
+                                          query0 + query_column0, key0 + warp_key0, lane);
       // This consumer's columns of Pᵀ and dSᵀ into the step's swizzled tiles; the other
       // consumer writes the rest. Those tiles were last read two steps ago, which the
       // barrier below of the previous step has ordered before these writes.
@@ -286,15 +254,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     if (group_thread == 0) sm90::bulk_wait<0>();
 
     // This consumer's columns of dK and dV for this warp's keys, summed over the group.
-    const int rows = valid_keys - warp_key0;
-    Element* dk = static_cast<Element*>(p.dk) + batch * p.k_strides.batch +
-                  (key0 + warp_key0) * p.k_strides.row + head_kv * p.k_strides.head + column0;
-    Element* dv = static_cast<Element*>(p.dv) + batch * p.v_strides.batch +
-                  (key0 + warp_key0) * p.v_strides.row + head_kv * p.v_strides.head + column0;
-    store_tile<Element>(acc_dk, dk, p.k_strides.row, rows, Config::kColumns, /*vectorized=*/true,
-                        lane);
-    store_tile<Element>(acc_dv, dv, p.v_strides.row, rows, Config::kColumns, /*vectorized=*/true,
-                        lane);
+    store_dk_dv<Element>(acc_dk, acc_dv, p, batch, head_kv, key0 + warp_key0, column0,
+                         valid_keys - warp_key0, lane);
   }
 }
 

@@ -135,25 +135,19 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     sm90::prefetch_tensor_map(&maps.k);
     sm90::prefetch_tensor_map(&maps.v);
     sm90::mbarrier_arrive_expect_tx(q_full, Config::kQBytes);
-#pragma unroll
-    for (int c = 0; c < kChunks; ++c)
-      sm90::tma_load_4d(q_smem + c * kBlockM * 128, &maps.q, q_full, 64 * c, row0, head, batch);
+    sm90::tma_load_tile<kChunks, kBlockM>(q_smem, &maps.q, q_full, row0, head, batch);
     for (int block = 0; block < num_key_blocks; ++block) {
       const int stage = block % kStages, use = block / kStages;
       const int key0 = key_begin + block * kBlockN;
       // K first: the consumers need K of a block one product earlier than its V.
       if (use > 0) sm90::mbarrier_wait(k_empty(stage), (use - 1) & 1);
       sm90::mbarrier_arrive_expect_tx(k_full(stage), Config::kKVBytes);
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c)
-        sm90::tma_load_4d(k_smem(stage) + c * kBlockN * 128, &maps.k, k_full(stage), 64 * c, key0,
-                          head_kv, batch);
+      sm90::tma_load_tile<kChunks, kBlockN>(k_smem(stage), &maps.k, k_full(stage), key0, head_kv,
+                                            batch);
       if (use > 0) sm90::mbarrier_wait(v_empty(stage), (use - 1) & 1);
       sm90::mbarrier_arrive_expect_tx(v_full(stage), Config::kKVBytes);
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c)
-        sm90::tma_load_4d(v_smem(stage) + c * kBlockN * 128, &maps.v, v_full(stage), 64 * c, key0,
-                          head_kv, batch);
+      sm90::tma_load_tile<kChunks, kBlockN>(v_smem(stage), &maps.v, v_full(stage), key0, head_kv,
+                                            batch);
     }
   } else {
     // The consumers' body is the other branch of one if/else, the shape in which setmaxnreg

@@ -57,6 +57,16 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
+// A tile of kRows rows by kChunks * 64 two-byte columns from (row0, head, batch) of `map`,
+// stored as kChunks swizzled [kRows][64] chunks at `dst` (the boxes are 64 columns wide).
+template <int kChunks, int kRows>
+__device__ __forceinline__ void tma_load_tile(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                              int row0, int head, int batch) {
+#pragma unroll
+  for (int c = 0; c < kChunks; ++c)
+    tma_load_4d(dst + c * kRows * 128, map, bar, 64 * c, row0, head, batch);
+}
+
 // Adds the float32 box at `src` into the tensor at coordinates (c0, c1, c2, c3); elements
 // outside the tensor are skipped. Completion is tracked by bulk groups of the issuing thread.
 __device__ __forceinline__ void tma_reduce_add_4d(const CUtensorMap* map, uint32_t src, int c0,
