@@ -1,8 +1,9 @@
 // FlashAttention backward for Hopper (sm_90a), main kernel at head dims 64 and 128 (256:
-// backward_sm90_wide_kernel.cuh): warp-specialized, wgmma + TMA. Same division of work as the sm80 kernel (backward_kernel.cuh): one CTA per (key block,
-// kv head, batch) keeps K and V in shared memory and dK, dV in registers, sweeps every
-// (query head of the GQA group, query block) that sees its keys, and adds dQ into the
-// float32 workspace (or leaves dQ to the deterministic pass).
+// backward_sm90_wide_kernel.cuh): warp-specialized, wgmma + TMA. Same division of work as
+// the sm80 kernel (backward_kernel.cuh): one CTA per (key block, kv head, batch) keeps K
+// and V in shared memory and dK, dV in registers, sweeps every (query head of the GQA
+// group, query block) that sees its keys, and adds dQ into the float32 workspace (or leaves
+// dQ to the deterministic pass).
 //
 // Warpgroup 0 is the producer: one thread copies K and V once, then Q and dO of each step
 // into a two-stage ring (TMA, mbarriers). Warpgroups 1 and 2 own 64 keys each; per step:
