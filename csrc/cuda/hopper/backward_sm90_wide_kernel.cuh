@@ -228,26 +228,32 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       __syncwarp();
       if (lane == 0) sm90::mbarrier_arrive(q_empty(stage));
       if (!p.deterministic) {
-        // dQ[:, pass chunk] = dS K[:, chunk]: A is dSᵀ read query-major, B is K read
-        // column-major, both transposed in the descriptors.
+        // dQ[:, chunk] = dS K[:, chunk] for this consumer's two 64-column chunks: A is dSᵀ
+        // read query-major, B is K read column-major, both transposed in the descriptors.
+        // Both products are issued at once, so the second runs while the first is staged.
+        constexpr int kPasses = Config::kColumns / 64;
+        float acc_dq[kPasses][1][8][4];
         const uint64_t a0 = opaque(sm90::smem_descriptor(ds_tile, 8192, 1024));
+        sm90::wgmma_fence();
 #pragma unroll
-        for (int pass = 0; pass < Config::kColumns / 64; ++pass) {
-          const int chunk = column0 / 64 + pass;
-          float acc_dq[1][8][4];
-          const uint64_t b0 =
-              opaque(sm90::smem_descriptor(k_smem + chunk * kBlockN * 128, kBlockN * 128, 1024));
-          sm90::wgmma_fence();
+        for (int pass = 0; pass < kPasses; ++pass) {
+          const uint64_t b0 = opaque(sm90::smem_descriptor(
+              k_smem + (column0 / 64 + pass) * kBlockN * 128, kBlockN * 128, 1024));
 #pragma unroll
           for (int kk = 0; kk < kBlockN / 16; ++kk)
-            wgmma_ss<64, kBF16, 1, 1>(&acc_dq[0][0][0], a0 + ((kk * 16 * 128) >> 4),
+            wgmma_ss<64, kBF16, 1, 1>(&acc_dq[pass][0][0][0], a0 + ((kk * 16 * 128) >> 4),
                                       b0 + ((kk * 16 * 128) >> 4), kk > 0);
           sm90::wgmma_commit();
-          sm90::wgmma_wait<0>();
-          sm90::fence_registers<32>(&acc_dq[0][0][0]);
-          reduce_dq_tile(acc_dq, dq_base + consumer * Config::kDqBytes, &maps.dq, 64 * chunk,
-                         query0, head, batch, 2 + consumer, group_thread);
         }
+        static_assert(kPasses == 2, "one product in flight while the other is staged");
+        sm90::wgmma_wait<1>();
+        sm90::fence_registers<32>(&acc_dq[0][0][0][0]);
+        reduce_dq_tile(acc_dq[0], dq_base + consumer * Config::kDqBytes, &maps.dq, column0,
+                       query0, head, batch, 2 + consumer, group_thread);
+        sm90::wgmma_wait<0>();
+        sm90::fence_registers<32>(&acc_dq[1][0][0][0]);
+        reduce_dq_tile(acc_dq[1], dq_base + consumer * Config::kDqBytes, &maps.dq, column0 + 64,
+                       query0, head, batch, 2 + consumer, group_thread);
       }
     }
     // Shared memory must outlive the reductions reading it.
