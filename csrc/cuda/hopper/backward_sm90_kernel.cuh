@@ -11,10 +11,10 @@
 //   Pᵀ and dSᵀ = Pᵀ (dPᵀ - delta) (softcap') scale in registers (scores.cuh's element step);
 //   dV += Pᵀ dO and dK += dSᵀ Q with Pᵀ, dSᵀ straight from registers;
 //   dSᵀ also goes to shared memory, where both warpgroups' halves form the A operand of
-//   dQ = dS K; each warpgroup computes 64 of dQ's columns (at head dim 64 the first does
-//   all), stages them in shared memory and has the copy engine add them into the float32
-//   accumulator (a bulk reduction: per-element atomics from registers cost a quarter of the
-//   kernel's time).
+//   dQ = dS K; each warpgroup computes a 64 x 64 tile of it (64 of the 128 columns at head
+//   dim 128; 64 of the step's 128 queries at head dim 64), stages it in shared memory and
+//   has the copy engine add it into the float32 accumulator (a bulk reduction: per-element
+//   atomics from registers cost a quarter of the kernel's time).
 #pragma once
 
 #include <cuda.h>
@@ -42,7 +42,9 @@ template <int kHeadDim_>
 struct Sm90BackwardConfig {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockN = 128;  // keys per CTA: two consumer warpgroups of 64
-  static constexpr int kBlockM = 64;   // queries per step
+  // Queries per step: at head dim 64 a step of 64 would be products too small (64x64x64) to
+  // hide the step's fixed costs (softmax, barriers, dQ staging), so it takes 128.
+  static constexpr int kBlockM = kHeadDim == 64 ? 128 : 64;
   static constexpr int kStages = 2;
   static constexpr int kConsumers = 2;
   static constexpr int kThreads = 128 * (1 + kConsumers);
@@ -51,9 +53,13 @@ struct Sm90BackwardConfig {
   static constexpr int kQTiles = kBlockM / 8;  // 8-query column tiles of Sᵀ
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
-  static constexpr int kDsBytes = kBlockN * kBlockM * 2;  // dSᵀ, [key][query], one chunk wide
-  // Each consumer's float32 dQ half (kBlockM x 64), as two 32-column swizzled chunks.
-  static constexpr int kDqBytes = kBlockM * 64 * 4;
+  // dSᵀ, [key][query], as kBlockM / 64 chunks of 64 queries (one 128-byte swizzle span).
+  static constexpr int kDsBytes = kBlockN * kBlockM * 2;
+  // dQ is split between the consumers by columns (kBlockM = 64: each computes 64 of the 128)
+  // or by queries (kBlockM = 128: each computes 64 queries of all 64 columns); either way a
+  // 64 x 64 float32 tile, staged as two 32-column swizzled chunks.
+  static constexpr bool kDqByQueries = kBlockM == 128;
+  static constexpr int kDqBytes = 64 * 64 * 4;
   // lse and delta of a step, per consumer warpgroup and step parity.
   static constexpr int kVectorBytes = 2 * kBlockM * 4;
   static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full; Q/dO full and empty
@@ -62,11 +68,8 @@ struct Sm90BackwardConfig {
                                     8 * kBarriers + 1024;
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;
-  // dQ's columns in 64-column chunks, one per consumer that computes any (head dim 64: the
-  // first consumer alone, whose product then covers all of them).
-  static constexpr int kDqConsumers = kHeadDim / 64;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims with a Hopper backward");
-  static_assert(kBlockM == 64, "dSᵀ rows are one 128-byte swizzle span");
+  static_assert(kBlockM == 64 * kConsumers / kChunks, "dQ: one 64 x 64 tile per consumer");
   static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= 512, "register file");
 };
 
@@ -178,7 +181,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 
       float* lse_log2 = vector_base + parity * 2 * kBlockM;
       float* delta = lse_log2 + kBlockM;
-      load_step_vectors(lse_log2, delta, p, workspace, batch, head, query0, kBlockM, group_thread);
+      load_step_vectors<kBlockM>(lse_log2, delta, p, workspace, batch, head, query0,
+                                  group_thread);
       sm90::named_barrier_sync(2 + consumer, 128);
 
       sm90::mbarrier_wait(full(stage), (step / kStages) & 1);
@@ -204,14 +208,15 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         pack_a_fragment<Element>(acc_s[0], kk, p_frag[kk]);
         pack_a_fragment<Element>(acc_dp[0], kk, ds_frag[kk]);
       }
-      // dSᵀ to shared memory in the swizzled layout (row = key, 64 queries of 2 bytes).
+      // dSᵀ to shared memory in the swizzled layout (row = key; chunks of 64 queries).
       const uint32_t ds = ds_smem(parity);
 #pragma unroll
       for (int j = 0; j < kQTiles; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(swizzled_128b(ds, warp_key0 + g + 8 * h,
-                                                                       (8 * j + 2 * t) * 2)),
+          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(swizzled_128b(
+                           ds + (j / 8) * kBlockN * 128, warp_key0 + g + 8 * h,
+                           ((8 * j + 2 * t) % 64) * 2)),
                        "r"(ds_frag[j / 2][2 * (j & 1) + h]));
       sm90::fence_shared_for_async();
       sm90::named_barrier_sync(1, 256);  // both halves of dSᵀ are written
@@ -229,25 +234,29 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       sm90::fence_registers<kBlockM / 4>(&ds_frag[0][0]);
       __syncwarp();
       if (lane == 0) sm90::mbarrier_arrive(empty(stage));  // Q and dO of this stage are free
-      const bool computes_dq =
-          Config::kDqConsumers == Config::kConsumers || consumer < Config::kDqConsumers;
-      if (!p.deterministic && computes_dq) {
-        // dQ[:, chunk] = dS K[:, chunk] for this consumer's 64-column chunk: A is dSᵀ read
-        // query-major, B is K read column-major, both transposed in the descriptors.
+      if (!p.deterministic) {
+        // dQ = dS K for this consumer's 64 x 64 tile (Config::kDqByQueries): A is dSᵀ read
+        // query-major (the consumer's chunk of queries, or the only one), B is K read
+        // column-major (its chunk of columns, or the only one), both transposed in the
+        // descriptors; the contraction runs over all kBlockN keys.
+        constexpr bool kByQueries = Config::kDqByQueries;
+        const int dq_query0 = query0 + (kByQueries ? 64 * consumer : 0);
+        const int dq_column0 = kByQueries ? 0 : 64 * consumer;
         float acc_dq[1][8][4];
-        const uint64_t a0 = opaque(sm90::smem_descriptor(ds, 8192, 1024));
-        const uint64_t b0 = opaque(sm90::smem_descriptor(k_smem + consumer * kBlockN * 128,
-                                                         kBlockN * 128, 1024));
+        const uint64_t a0 = opaque(sm90::smem_descriptor(
+            ds + (kByQueries ? consumer : 0) * kBlockN * 128, 8192, 1024));
+        const uint64_t b0 = opaque(sm90::smem_descriptor(
+            k_smem + (dq_column0 / 64) * kBlockN * 128, kBlockN * 128, 1024));
         sm90::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk)
           wgmma_ss<64, kBF16, 1, 1>(&acc_dq[0][0][0], a0 + ((kk * 16 * 128) >> 4),
-                                              b0 + ((kk * 16 * 128) >> 4), kk > 0);
+                                    b0 + ((kk * 16 * 128) >> 4), kk > 0);
         sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
         sm90::fence_registers<32>(&acc_dq[0][0][0]);
-        reduce_dq_tile(acc_dq, dq_base + consumer * Config::kDqBytes, &maps.dq, consumer * 64,
-                       query0, head, batch, 2 + consumer, group_thread);
+        reduce_dq_tile(acc_dq, dq_base + consumer * Config::kDqBytes, &maps.dq, dq_column0,
+                       dq_query0, head, batch, 2 + consumer, group_thread);
       }
     }
     // Shared memory must outlive the reductions reading it.

@@ -40,7 +40,7 @@ Status launch_backward_sm90(const AttentionParams& p, const BackwardWorkspace& w
                                  p.seqlen_q * p.head_dim};
   if (Status s = encode_tensor_map(&maps.dq, workspace.dq_accum, CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
                                    4, p.head_dim, p.seqlen_q, p.num_heads, p.batch, dq_strides,
-                                   Config::kBlockM);
+                                   kDqTileRows);
       !s.ok())
     return s;
   for (const auto& operand : operands)

@@ -47,22 +47,28 @@ __device__ __forceinline__ uint32_t swizzled_128b(uint32_t tile, int row, int by
   return tile + row * 128 + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-// lse (in log2 units) and delta of `count` queries from query0 into shared vectors, by the
-// warpgroup's first 2 * count threads. Rows past seqlen_q get 0: with their zero Q and dO
-// rows (TMA's fill) they contribute exactly zero.
+// lse (in log2 units) and delta of kCount queries from query0 into shared vectors, by the
+// warpgroup's 128 threads. Rows past seqlen_q get 0: with their zero Q and dO rows (TMA's
+// fill) they contribute exactly zero.
+template <int kCount>
 __device__ __forceinline__ void load_step_vectors(float* lse_log2, float* delta,
                                                   const AttentionParams& p,
                                                   const BackwardWorkspace& workspace, int batch,
-                                                  int head, int query0, int count,
-                                                  int group_thread) {
+                                                  int head, int query0, int group_thread) {
   const int64_t row_offset = (batch * p.num_heads + head) * p.seqlen_q + query0;
-  const int i = group_thread % count;
-  const bool valid = query0 + i < p.seqlen_q;
-  if (group_thread < count)
-    lse_log2[i] = valid ? p.lse[row_offset + i] * kLog2e : 0.0f;
-  else if (group_thread < 2 * count)
-    delta[i] = valid ? workspace.delta[row_offset + i] : 0.0f;
+#pragma unroll
+  for (int index = group_thread; index < 2 * kCount; index += 128) {
+    const int i = index % kCount;
+    const bool valid = query0 + i < p.seqlen_q;
+    if (index < kCount)
+      lse_log2[i] = valid ? p.lse[row_offset + i] * kLog2e : 0.0f;
+    else
+      delta[i] = valid ? workspace.delta[row_offset + i] : 0.0f;
+  }
 }
+
+// Rows of a dQ tile, and of the dq tensor map's box.
+constexpr int kDqTileRows = 64;
 
 // One warpgroup's 64 x 64 float32 dQ product (wgmma accumulator layout) added into dq_accum
 // at (query0, column0): written to the warpgroup's 16 KB staging tile as two 32-column
@@ -73,7 +79,7 @@ __device__ __forceinline__ void reduce_dq_tile(const float (&acc_dq)[1][8][4], u
                                                const CUtensorMap* dq_map, int column0, int query0,
                                                int head, int batch, int barrier,
                                                int group_thread) {
-  constexpr int kRows = 64;
+  constexpr int kRows = kDqTileRows;
   const int warp_in_group = group_thread >> 5, g = (group_thread & 31) >> 2,
             t = group_thread & 3;
   if (group_thread == 0) sm90::bulk_wait_read<0>();

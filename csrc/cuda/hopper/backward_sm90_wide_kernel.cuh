@@ -176,8 +176,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 
       float* lse_log2 = vector_base + parity * 2 * kQueries;
       float* delta = lse_log2 + kQueries;
-      load_step_vectors(lse_log2, delta, p, workspace, batch, head, query0 + query_column0,
-                        kQueries, group_thread);
+      load_step_vectors<kQueries>(lse_log2, delta, p, workspace, batch, head,
+                                  query0 + query_column0, group_thread);
       sm90::named_barrier_sync(2 + consumer, 128);
 
       sm90::mbarrier_wait(q_full(stage), (step / kQStages) & 1);
