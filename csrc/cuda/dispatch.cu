@@ -1,8 +1,8 @@
 // The one place that picks a kernel for a call: validates what the kernels assume, reads
 // the device's compute capability (once per device), and dispatches on architecture,
-// element type and head-dim class. Hopper (sm90) runs the wgmma kernels (the forward, and
-// the backward's main kernel at head dim 128) where the build has them and the call suits
-// them (sm90_eligible); everything else runs the sm80 kernels.
+// element type and head-dim class. Hopper (sm90) runs the wgmma kernels (the forward and
+// the backward's main kernel, head dims 64, 128 and 256) where the build has them and the
+// call suits them (sm90_eligible); everything else runs the sm80 kernels.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -208,14 +208,7 @@ Status with_head_dim_class(int d, Launch&& launch) {
   }
 }
 
-template <typename Element>
-Status forward_sm80(int d, const AttentionParams& p, const LaunchOptions& options,
-                    cudaStream_t stream) {
-  return with_head_dim_class(d, [&](auto head_dim_class) {
-    return launch_forward_sm80<decltype(head_dim_class)::value, Element>(p, options, stream);
-  });
-}
-
+#ifdef JAX_FLASH_CUDA_SM90
 bool sm90_enabled() {
   static const bool enabled = [] {
     const char* value = std::getenv("JAX_FLASH_CUDA_SM90");
@@ -230,7 +223,6 @@ bool sm90_enabled() {
 // (those run on the sm80 kernels). JAX_FLASH_CUDA_SM90=0 turns them off (comparisons,
 // fallback tests).
 bool sm90_eligible(int d, const AttentionParams& p, const LaunchOptions& options) {
-#ifdef JAX_FLASH_CUDA_SM90
   // Every Hopper GPU has 227 KB per block, which the head dim 256 backward uses; a smaller
   // limit is JAX_FLASH_CUDA_SMEM_LIMIT making this GPU stand in for an older one, whose
   // kernels are the sm80 ones.
@@ -242,55 +234,36 @@ bool sm90_eligible(int d, const AttentionParams& p, const LaunchOptions& options
          d >= 64 && p.head_dim == d && options.vectorized &&
          p.seqlen_q > 0 && p.seqlen_k > 0 && !p.has_segment_ids() && !p.has_dropout() &&
          m_blocks * p.num_heads * p.batch <= std::numeric_limits<int32_t>::max();
-#else
-  (void)d, (void)p, (void)options;
-  return false;
-#endif
 }
+#endif  // JAX_FLASH_CUDA_SM90
 
+// The forward, and the backward's main kernel, of head-dim class d: Hopper's where it takes
+// the call (sm90_eligible, which never holds below class 64), else sm80's.
 template <typename Element>
-Status forward_sm90(int d, const AttentionParams& p, const LaunchOptions& options,
+Status forward_main(int d, const AttentionParams& p, const LaunchOptions& options,
                     cudaStream_t stream) {
+  return with_head_dim_class(d, [&](auto head_dim_class) {
+    constexpr int kHeadDim = decltype(head_dim_class)::value;
 #ifdef JAX_FLASH_CUDA_SM90
-  switch (d) {
-#ifdef JAX_FLASH_CUDA_HDIM_64
-    case 64: return launch_forward_sm90<64, Element>(p, options, stream);
+    if constexpr (kHeadDim >= 64)
+      if (sm90_eligible(d, p, options))
+        return launch_forward_sm90<kHeadDim, Element>(p, options, stream);
 #endif
-#ifdef JAX_FLASH_CUDA_HDIM_128
-    case 128: return launch_forward_sm90<128, Element>(p, options, stream);
-#endif
-#ifdef JAX_FLASH_CUDA_HDIM_256
-    case 256: return launch_forward_sm90<256, Element>(p, options, stream);
-#endif
-    default: break;
-  }
-#endif
-  return forward_sm80<Element>(d, p, options, stream);
+    return launch_forward_sm80<kHeadDim, Element>(p, options, stream);
+  });
 }
 
-// The backward's main kernel: Hopper's where it takes the call, else sm80's.
 template <typename Element>
 Status backward_main(int d, const AttentionParams& p, const BackwardWorkspace& workspace,
                      const LaunchOptions& options, cudaStream_t stream) {
-#ifdef JAX_FLASH_CUDA_SM90
-  if (sm90_eligible(d, p, options)) {
-    switch (d) {
-#ifdef JAX_FLASH_CUDA_HDIM_64
-      case 64: return launch_backward_sm90<64, Element>(p, workspace, options, stream);
-#endif
-#ifdef JAX_FLASH_CUDA_HDIM_128
-      case 128: return launch_backward_sm90<128, Element>(p, workspace, options, stream);
-#endif
-#ifdef JAX_FLASH_CUDA_HDIM_256
-      case 256: return launch_backward_sm90<256, Element>(p, workspace, options, stream);
-#endif
-      default: break;
-    }
-  }
-#endif
   return with_head_dim_class(d, [&](auto head_dim_class) {
-    return launch_backward_sm80<decltype(head_dim_class)::value, Element>(p, workspace, options,
-                                                                         stream);
+    constexpr int kHeadDim = decltype(head_dim_class)::value;
+#ifdef JAX_FLASH_CUDA_SM90
+    if constexpr (kHeadDim >= 64)
+      if (sm90_eligible(d, p, options))
+        return launch_backward_sm90<kHeadDim, Element>(p, workspace, options, stream);
+#endif
+    return launch_backward_sm80<kHeadDim, Element>(p, workspace, options, stream);
   });
 }
 
@@ -344,14 +317,10 @@ Status flash_forward(const AttentionParams& p_in, cudaStream_t stream) {
   Architecture architecture;
   LaunchOptions options;
   if (Status s = launch_options(p, /*backward=*/false, &architecture, &options); !s.ok()) return s;
-  if (sm90_eligible(d, p, options)) {
-    if (p.element_type == ElementType::kFloat16) return forward_sm90<__half>(d, p, options, stream);
-    return forward_sm90<__nv_bfloat16>(d, p, options, stream);
-  }
   switch (architecture) {
     case Architecture::kSm80:
-      if (p.element_type == ElementType::kFloat16) return forward_sm80<__half>(d, p, options, stream);
-      return forward_sm80<__nv_bfloat16>(d, p, options, stream);
+      if (p.element_type == ElementType::kFloat16) return forward_main<__half>(d, p, options, stream);
+      return forward_main<__nv_bfloat16>(d, p, options, stream);
   }
   return Status::Unimplemented("jax_flash CUDA: no kernels for this GPU");
 }

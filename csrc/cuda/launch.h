@@ -58,7 +58,8 @@ template <int kHeadDimClass, typename Element>
 Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& options,
                            cudaStream_t stream);
 
-// The Hopper backward's main kernel (head dim 128), same contract as the sm80 one below.
+// The Hopper backward's main kernel (head dims 64, 128, 256), same contract as the sm80 one
+// below.
 template <int kHeadDimClass, typename Element>
 Status launch_backward_sm90(const AttentionParams& p, const BackwardWorkspace& workspace,
                             const LaunchOptions& options, cudaStream_t stream);

@@ -1,7 +1,7 @@
 // Host-side launch of the Hopper backward's main kernel (head dims 64 and 128 split keys
 // between the consumers, 256 splits columns: backward_sm90_wide_kernel.cuh): tensor maps,
 // shared-memory limit, grid. Included by the sm90 backward instantiation files only;
-// dispatch.cu has checked the call suits it (sm90_backward_eligible) and runs the
+// dispatch.cu has checked the call suits it (sm90_eligible) and runs the
 // preprocessing and dQ conversion (or the deterministic dQ pass) around it.
 #pragma once
 

@@ -1,6 +1,6 @@
 // Host-side launch of the Hopper forward kernel for one head-dim class and element type:
 // tensor maps, shared-memory limit, grid. Included by the sm90 instantiation files only;
-// dispatch.cu has already checked that the call suits these kernels (sm90_forward_eligible).
+// dispatch.cu has already checked that the call suits these kernels (sm90_eligible).
 #pragma once
 
 #include <cuda_runtime.h>
