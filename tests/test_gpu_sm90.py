@@ -3,9 +3,10 @@
 On compute capability 9.0, every forward and backward call with head_dim 64, 128 or 256
 (without segment ids or dropout) runs the wgmma kernels; this grid covers what they
 handle: odd lengths on both sides (partial query and key blocks, TMA zero fill), GQA,
-batch and head counts that are not powers of two (the forward's grid is one flat list of
-blocks), causal / window masks with softcap and ALiBi, and both dtypes, with gradients
-(through out and lse). Elsewhere every test here is skipped with the reason.
+batch and head counts that are not powers of two (the forward's tiles are one flat list,
+taken by one CTA each or by a persistent grid), causal / window masks with softcap and
+ALiBi, and both dtypes, with gradients (through out and lse). Elsewhere every test here
+is skipped with the reason.
 """
 
 import os
@@ -62,6 +63,31 @@ def test_backward_deterministic(head_dim, feature):
 @pytest.mark.parametrize("causal", [False, True])
 def test_large(shape, head_dim, causal):
     check(shape + (head_dim,), "causal" if causal else "none", jnp.bfloat16, gradients=True)
+
+
+@pytest.mark.skipif("JAX_FLASH_CUDA_PERSISTENT_CTAS" in os.environ, reason="already a capped run")
+def test_forward_on_few_persistent_ctas():
+    """The persistent forward with three CTAs for every mask (JAX_FLASH_CUDA_PERSISTENT_CTAS,
+    read once per process, so in a fresh one): each CTA takes many tiles in a row, fully
+    masked ones and partial ones included, through one ring of K/V stages. The subprocess
+    must run its tests, not skip them."""
+    env = dict(os.environ, JAX_FLASH_CUDA_PERSISTENT_CTAS="3",
+               XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+         "test_forward_tiles_shared", os.path.abspath(__file__)],
+        env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.skipif(os.environ.get("JAX_FLASH_CUDA_PERSISTENT_CTAS") != "3",
+                    reason="runs in the subprocess of test_forward_on_few_persistent_ctas")
+@pytest.mark.parametrize("feature", ["none", "causal", "window_alibi"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_tiles_shared(shape, head_dim, feature):
+    check(shape + (head_dim,), feature, jnp.bfloat16, gradients=False)
 
 
 def test_sm80_fallback_agrees(tmp_path):

@@ -58,6 +58,7 @@ std::string built_head_dims() {
 struct DeviceInfo {
   int major = 0, minor = 0;
   int max_smem_per_block = 0;  // opt-in maximum for dynamic shared memory
+  int num_sms = 0;
 };
 
 // Queried on first use per device, never at import: building the extension must not
@@ -79,6 +80,8 @@ Status current_device_info(DeviceInfo* info) {
   if (error == cudaSuccess)
     error = cudaDeviceGetAttribute(&fresh.max_smem_per_block,
                                    cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (error == cudaSuccess)
+    error = cudaDeviceGetAttribute(&fresh.num_sms, cudaDevAttrMultiProcessorCount, device);
   if (Status s = Status::FromCuda(error, "querying the device"); !s.ok()) return s;
   cache.emplace(device, fresh);
   *info = fresh;
@@ -177,6 +180,7 @@ Status launch_options(const AttentionParams& p, bool backward, Architecture* arc
   // sm_90a code runs on compute capability 9.0 only; later GPUs take the sm80 kernels.
   options->sm90 = device.major == 9 && device.minor == 0;
   options->max_smem_per_block = device.max_smem_per_block;
+  options->num_sms = device.num_sms;
   // Test aid: JAX_FLASH_CUDA_SMEM_LIMIT=<bytes> caps the shared memory the launchers may
   // use, so that the tile shapes chosen for GPUs with less of it (sm80, sm86/89) run and
   // are tested on a Hopper GPU.
@@ -185,6 +189,14 @@ Status launch_options(const AttentionParams& p, bool backward, Architecture* arc
     return value != nullptr ? std::atoi(value) : 0;
   }();
   if (limit > 0) options->max_smem_per_block = std::min(options->max_smem_per_block, limit);
+  // Test aid: JAX_FLASH_CUDA_PERSISTENT_CTAS=<n> runs the Hopper forward persistent on at
+  // most n CTAs whatever the mask, so that few CTAs take many tiles of every kind (fully
+  // masked ones included).
+  static const int persistent_ctas = [] {
+    const char* value = std::getenv("JAX_FLASH_CUDA_PERSISTENT_CTAS");
+    return value != nullptr ? std::atoi(value) : 0;
+  }();
+  options->persistent_ctas = persistent_ctas;
   return Status::Ok();
 }
 

@@ -1,10 +1,16 @@
 // FlashAttention forward for Hopper (sm_90a): warp-specialized, wgmma + TMA.
 //
-// One CTA per 128 query rows of one (batch, head), three warpgroups:
-//   warpgroup 0, the producer: one thread issues bulk tensor copies of Q once and of K and
-//     V per key block into a kStages-deep ring of shared-memory stages; each copy
-//     completes on its stage's "full" mbarrier, and the thread waits on the stage's
-//     "empty" mbarrier before reusing it. It then gives most of its registers away.
+// A tile is 128 query rows of one (batch, head). The grid is either one CTA per tile or, where
+// every tile has the same work (no mask window), persistent: one CTA per SM, each taking
+// tiles blockIdx.x, blockIdx.x + gridDim.x, ..., so that the next tile's Q and first K/V
+// copies run under the current tile's last product and epilogue instead of after a CTA
+// launch. Three warpgroups:
+//   warpgroup 0, the producer: one thread issues bulk tensor copies of each tile's Q and of
+//     K and V per key block into a kStages-deep ring of shared-memory stages (one ring
+//     across the CTA's tiles); each copy completes on its stage's "full" mbarrier, and the
+//     thread waits on the stage's "empty" mbarrier before reusing it (Q's own pair of
+//     mbarriers: Q is free once a tile's last S product is done). It gives most of its
+//     registers away.
 //   warpgroups 1 and 2, the consumers: 64 query rows each. S = Q Kᵀ and O += P V run on
 //     wgmma with K and V read from the swizzled stages (descriptors) and P straight from
 //     registers. Within a warpgroup, S of key block j is computed while O += P V of block
@@ -54,7 +60,7 @@ struct Sm90ForwardConfig {
   static constexpr int kDTiles = kHeadDim / 8;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
-  static constexpr int kBarriers = 1 + 4 * kStages;  // q full; k/v full; k/v empty
+  static constexpr int kBarriers = 2 + 4 * kStages;  // q full, empty; k/v full; k/v empty
   // Tiles, barriers, and slack to align the tiles to 1024 bytes (the swizzle atom).
   static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers + 1024;
   // Registers per thread after reallocation: 128 * (producer + 2 * consumer) <= 64K.
@@ -81,51 +87,52 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   auto k_smem = [&](int stage) { return smem + Config::kQBytes + 2 * stage * Config::kKVBytes; };
   auto v_smem = [&](int stage) { return k_smem(stage) + Config::kKVBytes; };
   const uint32_t barriers = smem + Config::kQBytes + 2 * kStages * Config::kKVBytes;
-  const uint32_t q_full = barriers;
-  auto k_full = [&](int stage) { return barriers + 8 * (1 + stage); };
-  auto v_full = [&](int stage) { return barriers + 8 * (1 + kStages + stage); };
-  auto k_empty = [&](int stage) { return barriers + 8 * (1 + 2 * kStages + stage); };
-  auto v_empty = [&](int stage) { return barriers + 8 * (1 + 3 * kStages + stage); };
+  const uint32_t q_full = barriers, q_empty = barriers + 8;
+  auto k_full = [&](int stage) { return barriers + 8 * (2 + stage); };
+  auto v_full = [&](int stage) { return barriers + 8 * (2 + kStages + stage); };
+  auto k_empty = [&](int stage) { return barriers + 8 * (2 + 2 * kStages + stage); };
+  auto v_empty = [&](int stage) { return barriers + 8 * (2 + 3 * kStages + stage); };
 
-  // Query blocks of one (batch, head) are neighbours in launch order, so that the CTAs
-  // running at once share K and V in L2; within a head the longest blocks (with a causal
-  // mask, the last ones) go first.
   const int num_m_blocks = static_cast<int>((p.seqlen_q + kBlockM - 1) / kBlockM);
-  const int m_block = num_m_blocks - 1 - static_cast<int>(blockIdx.x) % num_m_blocks;
-  const int head_batch = static_cast<int>(blockIdx.x) / num_m_blocks;
-  const int head = head_batch % static_cast<int>(p.num_heads);
-  const int batch = head_batch / static_cast<int>(p.num_heads);
-  const int head_kv = head / static_cast<int>(p.num_heads / p.num_heads_kv);
+  const int num_tiles = num_m_blocks * static_cast<int>(p.num_heads * p.batch);
   const int seqlen_q = static_cast<int>(p.seqlen_q), head_dim = static_cast<int>(p.head_dim);
-  const int row0 = m_block * kBlockM;
-  const int valid_rows = min(kBlockM, seqlen_q - row0);
   const int thread = threadIdx.x;
-
-  Element* out = static_cast<Element*>(p.out) + batch * p.out_strides.batch +
-                 row0 * p.out_strides.row + head * p.out_strides.head;
-  float* lse = p.lse + (batch * p.num_heads + head) * p.seqlen_q + row0;
-
-  const IndexRange keys = visible_keys(p, row0, row0 + valid_rows);
-  if (keys.empty()) {  // every row of this block is fully masked: out = 0, lse = +inf
-    store_fully_masked_rows<Config::kThreads>(out, p.out_strides.row, lse, valid_rows, head_dim,
-                                              thread);
-    return;
-  }
-  const int key_begin = static_cast<int>(keys.begin);
-  const int num_key_blocks = (static_cast<int>(keys.end) - key_begin + kBlockN - 1) / kBlockN;
 
   if (thread == 0) {
     sm90::mbarrier_init(q_full, 1);
+    sm90::mbarrier_init(q_empty, 4 * Config::kConsumers);  // one per consumer warp
     for (int stage = 0; stage < kStages; ++stage) {
       sm90::mbarrier_init(k_full(stage), 1);
       sm90::mbarrier_init(v_full(stage), 1);
-      // One arrival per consumer warp.
       sm90::mbarrier_init(k_empty(stage), 4 * Config::kConsumers);
       sm90::mbarrier_init(v_empty(stage), 4 * Config::kConsumers);
     }
     sm90::fence_barrier_init();
   }
   __syncthreads();
+
+  // Tiles of one (batch, head) are neighbours in tile order, so that the CTAs running at
+  // once share K and V in L2; within a head the longest tiles (with a causal mask, the last
+  // ones) go first.
+  struct Tile {
+    int head, batch, head_kv, row0, valid_rows, key_begin, num_key_blocks;
+  };
+  auto tile_at = [&](int index) {
+    Tile tile;
+    const int m_block = num_m_blocks - 1 - index % num_m_blocks;
+    const int head_batch = index / num_m_blocks;
+    tile.head = head_batch % static_cast<int>(p.num_heads);
+    tile.batch = head_batch / static_cast<int>(p.num_heads);
+    tile.head_kv = tile.head / static_cast<int>(p.num_heads / p.num_heads_kv);
+    tile.row0 = m_block * kBlockM;
+    tile.valid_rows = min(kBlockM, seqlen_q - tile.row0);
+    const IndexRange keys = visible_keys(p, tile.row0, tile.row0 + tile.valid_rows);
+    tile.key_begin = static_cast<int>(keys.begin);
+    // 0 where every row of the tile is fully masked: no copies, out = 0 and lse = +inf.
+    tile.num_key_blocks =
+        keys.empty() ? 0 : (static_cast<int>(keys.end) - tile.key_begin + kBlockN - 1) / kBlockN;
+    return tile;
+  };
 
   const int warpgroup = thread / 128;
   if (warpgroup == 0) {
@@ -134,20 +141,29 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     sm90::prefetch_tensor_map(&maps.q);
     sm90::prefetch_tensor_map(&maps.k);
     sm90::prefetch_tensor_map(&maps.v);
-    sm90::mbarrier_arrive_expect_tx(q_full, Config::kQBytes);
-    sm90::tma_load_tile<kChunks, kBlockM>(q_smem, &maps.q, q_full, row0, head, batch);
-    for (int block = 0; block < num_key_blocks; ++block) {
-      const int stage = block % kStages, use = block / kStages;
-      const int key0 = key_begin + block * kBlockN;
-      // K first: the consumers need K of a block one product earlier than its V.
-      if (use > 0) sm90::mbarrier_wait(k_empty(stage), (use - 1) & 1);
-      sm90::mbarrier_arrive_expect_tx(k_full(stage), Config::kKVBytes);
-      sm90::tma_load_tile<kChunks, kBlockN>(k_smem(stage), &maps.k, k_full(stage), key0, head_kv,
-                                            batch);
-      if (use > 0) sm90::mbarrier_wait(v_empty(stage), (use - 1) & 1);
-      sm90::mbarrier_arrive_expect_tx(v_full(stage), Config::kKVBytes);
-      sm90::tma_load_tile<kChunks, kBlockN>(v_smem(stage), &maps.v, v_full(stage), key0, head_kv,
-                                            batch);
+    // Key blocks and Q tiles loaded so far by this CTA: the ring's and Q's phases.
+    int kv_count = 0, q_count = 0;
+    for (int index = blockIdx.x; index < num_tiles; index += gridDim.x) {
+      const Tile tile = tile_at(index);
+      if (tile.num_key_blocks == 0) continue;
+      if (q_count > 0) sm90::mbarrier_wait(q_empty, (q_count - 1) & 1);
+      sm90::mbarrier_arrive_expect_tx(q_full, Config::kQBytes);
+      sm90::tma_load_tile<kChunks, kBlockM>(q_smem, &maps.q, q_full, tile.row0, tile.head,
+                                            tile.batch);
+      ++q_count;
+      for (int block = 0; block < tile.num_key_blocks; ++block, ++kv_count) {
+        const int stage = kv_count % kStages, use = kv_count / kStages;
+        const int key0 = tile.key_begin + block * kBlockN;
+        // K first: the consumers need K of a block one product earlier than its V.
+        if (use > 0) sm90::mbarrier_wait(k_empty(stage), (use - 1) & 1);
+        sm90::mbarrier_arrive_expect_tx(k_full(stage), Config::kKVBytes);
+        sm90::tma_load_tile<kChunks, kBlockN>(k_smem(stage), &maps.k, k_full(stage), key0,
+                                              tile.head_kv, tile.batch);
+        if (use > 0) sm90::mbarrier_wait(v_empty(stage), (use - 1) & 1);
+        sm90::mbarrier_arrive_expect_tx(v_full(stage), Config::kKVBytes);
+        sm90::tma_load_tile<kChunks, kBlockN>(v_smem(stage), &maps.v, v_full(stage), key0,
+                                              tile.head_kv, tile.batch);
+      }
     }
   } else {
     // The consumers' body is the other branch of one if/else, the shape in which setmaxnreg
@@ -158,15 +174,16 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     const int lane = thread & 31, warp_in_group = (thread >> 5) & 3;
     const int group_row0 = 64 * consumer;                     // within the CTA's block
     const int warp_row0 = group_row0 + 16 * warp_in_group;  // this warp's 16 rows
-    const int query0 = row0 + warp_row0;
-    const ScoreTransform transform = ScoreTransform::make(p, batch, head);
     const KeyWindow window = KeyWindow::make(p);
+    // The current tile and what follows from it (the lambdas below read them).
+    Tile tile{};
+    int query0 = 0;
+    ScoreTransform transform;
 
     float acc_o[1][kDTiles][4];
     float acc_s[1][kNTiles][4];
     uint32_t p_frag[kBlockN / 16][4];  // P of the previous block, as wgmma A fragments
-    zero(acc_o);
-    float row_max[1][2] = {{-INFINITY, -INFINITY}}, row_sum[1][2] = {{0.0f, 0.0f}};
+    float row_max[1][2], row_sum[1][2];
 
     // Ping-pong: consumer c issues its products after named barrier 1 + c opens, then opens
     // the other's. Consumer 1 lets consumer 0 go first.
@@ -178,8 +195,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       if constexpr (kPingPong)
         if (!(last && consumer == 1)) sm90::named_barrier_arrive(2 - consumer, 256);
     };
-    if constexpr (kPingPong)
-      if (consumer == 1) sm90::named_barrier_arrive(1, 256);
 
     // Descriptors are an opaque base plus a constant step per k-slice (the address field is
     // the low bits; offsets never carry out of it).
@@ -213,9 +228,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     // Softcap / ALiBi and the mask, then the probabilities (returned corrections not yet
     // applied to O), packed as the A operand of the next O += P V.
     auto softmax = [&](int block, float (&correction)[1][2]) {
-      const int key0 = key_begin + block * kBlockN;
-      transform_and_mask<kHasWindow>(acc_s, transform, window, row0, row0 + valid_rows, query0,
-                                     key0, lane);
+      const int key0 = tile.key_begin + block * kBlockN;
+      transform_and_mask<kHasWindow>(acc_s, transform, window, tile.row0,
+                                     tile.row0 + tile.valid_rows, query0, key0, lane);
       online_softmax_probabilities(acc_s, row_max, row_sum, transform.exp_scale, correction);
     };
     auto pack_p = [&] {
@@ -223,68 +238,109 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       for (int kk = 0; kk < kBlockN / 16; ++kk) pack_a_fragment<Element>(acc_s[0], kk, p_frag[kk]);
     };
 
-    sm90::mbarrier_wait(q_full, 0);
-    {
-      float correction[1][2];
-      sm90::mbarrier_wait(k_full(0), 0);
-      take_turn();
-      issue_scores(0);
-      pass_turn(false);
-      sm90::wgmma_wait<0>();
-      sm90::fence_registers<kBlockN / 2>(&acc_s[0][0][0]);
-      release(k_empty(0));
-      softmax(0, correction);  // O is still zero: nothing to rescale
-      pack_p();
-    }
-    for (int block = 1; block < num_key_blocks; ++block) {
-      const int stage = block % kStages, previous = (block - 1) % kStages;
-      float correction[1][2];
-      sm90::mbarrier_wait(k_full(stage), (block / kStages) & 1);
-      take_turn();
-      issue_scores(stage);
-      sm90::mbarrier_wait(v_full(previous), ((block - 1) / kStages) & 1);
-      issue_pv(previous);
-      pass_turn(false);
-      sm90::wgmma_wait<1>();  // S of this block; O += P V of the previous one still runs
-      sm90::fence_registers<kBlockN / 2>(&acc_s[0][0][0]);
-      release(k_empty(stage));
-      softmax(block, correction);
-      sm90::wgmma_wait<0>();
-      sm90::fence_registers<kHeadDim / 2>(&acc_o[0][0][0]);
-      sm90::fence_registers<kBlockN / 4>(&p_frag[0][0]);
-      release(v_empty(previous));
-      rescale_rows(acc_o, correction);
-      pack_p();
-    }
-    {
-      const int last = (num_key_blocks - 1) % kStages;
-      sm90::mbarrier_wait(v_full(last), ((num_key_blocks - 1) / kStages) & 1);
-      take_turn();
-      issue_pv(last);
-      pass_turn(true);
-      sm90::wgmma_wait<0>();
-      sm90::fence_registers<kHeadDim / 2>(&acc_o[0][0][0]);
-      sm90::fence_registers<kBlockN / 4>(&p_frag[0][0]);
-    }
-
-    // Normalize, write lse (natural log; +inf for rows that saw no key) and O.
-    const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float sum = quad_sum(row_sum[0][h]);
-      const bool empty = !(sum > 0.0f);
-      const float inv_sum = empty ? 0.0f : 1.0f / sum;
-#pragma unroll
-      for (int j = 0; j < kDTiles; ++j) {
-        acc_o[0][j][2 * h] *= inv_sum;
-        acc_o[0][j][2 * h + 1] *= inv_sum;
+    // Key blocks and Q tiles consumed so far by this CTA: the ring's and Q's phases.
+    int kv_count = 0, q_count = 0;
+    for (int index = blockIdx.x; index < num_tiles; index += gridDim.x) {
+      tile = tile_at(index);
+      // Computed where they are written, not held across the tile's products.
+      auto out = [&] {
+        return static_cast<Element*>(p.out) + tile.batch * p.out_strides.batch +
+               tile.row0 * p.out_strides.row + tile.head * p.out_strides.head;
+      };
+      auto lse = [&] {
+        return p.lse + (tile.batch * p.num_heads + tile.head) * p.seqlen_q + tile.row0;
+      };
+      if (tile.num_key_blocks == 0) {
+        store_fully_masked_rows<128 * Config::kConsumers>(out(), p.out_strides.row, lse(),
+                                                          tile.valid_rows, head_dim, thread - 128);
+        continue;
       }
-      const int row = warp_row0 + g + 8 * h;
-      if (t == 0 && row < valid_rows)
-        lse[row] = empty ? INFINITY : row_max[0][h] * transform.exp_scale * kLn2 + logf(sum);
+      const int num_key_blocks = tile.num_key_blocks, valid_rows = tile.valid_rows;
+      query0 = tile.row0 + warp_row0;
+      transform = ScoreTransform::make(p, tile.batch, tile.head);
+      zero(acc_o);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        row_max[0][h] = -INFINITY;
+        row_sum[0][h] = 0.0f;
+      }
+      // Ring position of key block `block` of this tile.
+      auto stage_of = [&](int block) { return (kv_count + block) % kStages; };
+      auto phase_of = [&](int block) { return ((kv_count + block) / kStages) & 1; };
+      // Q is free once the tile's last S product is done.
+      auto release_k = [&](int block) {
+        release(k_empty(stage_of(block)));
+        if (block == num_key_blocks - 1) release(q_empty);
+      };
+      if constexpr (kPingPong)
+        if (consumer == 1) sm90::named_barrier_arrive(1, 256);
+
+      sm90::mbarrier_wait(q_full, q_count & 1);
+      {
+        float correction[1][2];
+        sm90::mbarrier_wait(k_full(stage_of(0)), phase_of(0));
+        take_turn();
+        issue_scores(stage_of(0));
+        pass_turn(false);
+        sm90::wgmma_wait<0>();
+        sm90::fence_registers<kBlockN / 2>(&acc_s[0][0][0]);
+        release_k(0);
+        softmax(0, correction);  // O is still zero: nothing to rescale
+        pack_p();
+      }
+      for (int block = 1; block < num_key_blocks; ++block) {
+        float correction[1][2];
+        sm90::mbarrier_wait(k_full(stage_of(block)), phase_of(block));
+        take_turn();
+        issue_scores(stage_of(block));
+        sm90::mbarrier_wait(v_full(stage_of(block - 1)), phase_of(block - 1));
+        issue_pv(stage_of(block - 1));
+        pass_turn(false);
+        sm90::wgmma_wait<1>();  // S of this block; O += P V of the previous one still runs
+        sm90::fence_registers<kBlockN / 2>(&acc_s[0][0][0]);
+        release_k(block);
+        softmax(block, correction);
+        sm90::wgmma_wait<0>();
+        sm90::fence_registers<kHeadDim / 2>(&acc_o[0][0][0]);
+        sm90::fence_registers<kBlockN / 4>(&p_frag[0][0]);
+        release(v_empty(stage_of(block - 1)));
+        rescale_rows(acc_o, correction);
+        pack_p();
+      }
+      {
+        const int last = num_key_blocks - 1;
+        sm90::mbarrier_wait(v_full(stage_of(last)), phase_of(last));
+        take_turn();
+        issue_pv(stage_of(last));
+        pass_turn(true);
+        sm90::wgmma_wait<0>();
+        sm90::fence_registers<kHeadDim / 2>(&acc_o[0][0][0]);
+        sm90::fence_registers<kBlockN / 4>(&p_frag[0][0]);
+        release(v_empty(stage_of(last)));
+      }
+      kv_count += num_key_blocks;
+      ++q_count;
+
+      // Normalize, write lse (natural log; +inf for rows that saw no key) and O.
+      const int g = lane >> 2, t = lane & 3;
+      float* const tile_lse = lse();
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float sum = quad_sum(row_sum[0][h]);
+        const bool empty = !(sum > 0.0f);
+        const float inv_sum = empty ? 0.0f : 1.0f / sum;
+#pragma unroll
+        for (int j = 0; j < kDTiles; ++j) {
+          acc_o[0][j][2 * h] *= inv_sum;
+          acc_o[0][j][2 * h + 1] *= inv_sum;
+        }
+        const int row = warp_row0 + g + 8 * h;
+        if (t == 0 && row < valid_rows)
+          tile_lse[row] = empty ? INFINITY : row_max[0][h] * transform.exp_scale * kLn2 + logf(sum);
+      }
+      store_tile<Element>(acc_o, out() + warp_row0 * p.out_strides.row, p.out_strides.row,
+                          valid_rows - warp_row0, head_dim, /*vectorized=*/true, lane);
     }
-    store_tile<Element>(acc_o, out + warp_row0 * p.out_strides.row, p.out_strides.row,
-                        valid_rows - warp_row0, head_dim, /*vectorized=*/true, lane);
   }
 }
 

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <string>
 
 #include "cuda/hopper/forward_sm90_kernel.cuh"
@@ -46,8 +47,16 @@ Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& option
                                      "head_dim " + std::to_string(kHeadDimClass) + " sm90 forward");
       !s.ok())
     return s;
-  const int64_t m_blocks = (p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM;
-  const dim3 grid(static_cast<unsigned>(m_blocks * p.num_heads * p.batch));
+  const int64_t num_tiles =
+      (p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM * p.num_heads * p.batch;
+  // Persistent (a CTA per SM looping over tiles) where every tile has the same work; with a
+  // mask window the tiles' work differs, and one CTA per tile lets the hardware balance it.
+  int64_t ctas = num_tiles;
+  if (options.persistent_ctas > 0)
+    ctas = std::min<int64_t>(num_tiles, options.persistent_ctas);
+  else if (!p.has_window() && options.num_sms > 0)
+    ctas = std::min<int64_t>(num_tiles, options.num_sms);
+  const dim3 grid(static_cast<unsigned>(ctas));
   kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(p, maps);
   return Status::FromCuda(cudaGetLastError(), "launching the sm90 forward kernel");
 }
