@@ -1,10 +1,10 @@
 // FlashAttention forward for Hopper (sm_90a): warp-specialized, wgmma + TMA.
 //
-// A tile is 128 query rows of one (batch, head). The grid is either one CTA per tile or, where
-// every tile has the same work (no mask window), persistent: one CTA per SM, each taking
-// tiles blockIdx.x, blockIdx.x + gridDim.x, ..., so that the next tile's Q and first K/V
-// copies run under the current tile's last product and epilogue instead of after a CTA
-// launch. Three warpgroups:
+// A tile is 128 query rows of one (batch, head). The grid is one CTA per tile or, where every
+// tile has the same work (no mask window) and it pays (the launcher's kPersistent),
+// persistent: one CTA per SM, each taking tiles blockIdx.x, blockIdx.x + gridDim.x, ...,
+// so that the next tile's Q and first K/V copies run under the current tile's last product
+// and epilogue instead of after a CTA launch. Three warpgroups:
 //   warpgroup 0, the producer: one thread issues bulk tensor copies of each tile's Q and of
 //     K and V per key block into a kStages-deep ring of shared-memory stages (one ring
 //     across the CTA's tiles); each copy completes on its stage's "full" mbarrier, and the

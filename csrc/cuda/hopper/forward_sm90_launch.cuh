@@ -19,10 +19,19 @@ namespace jax_flash::cuda {
 // (ping-pong). Measured on an H100 (NOTES_sm90.md): ping-pong gains 1-12% at head dims 64
 // and 256 (where the softmax is long next to the products, or the register file is full)
 // and loses 2-4% at 16k tokens for head dim 128. Shared memory: 112 KB, 160 KB, 192 KB.
+// kPersistent: whether calls without a mask window get the persistent grid. It gained
+// 1-15% at head dim 128 (most at 1k tokens) and 1-3% at 256, and lost 4% at 8k tokens at
+// head dim 64 (2026-11-25).
 template <int kHeadDimClass> struct Sm90ForwardClassConfig;
-template <> struct Sm90ForwardClassConfig<64> : Sm90ForwardConfig<64, 128, 3, true> {};
-template <> struct Sm90ForwardClassConfig<128> : Sm90ForwardConfig<128, 128, 2, false> {};
-template <> struct Sm90ForwardClassConfig<256> : Sm90ForwardConfig<256, 64, 2, true> {};
+template <> struct Sm90ForwardClassConfig<64> : Sm90ForwardConfig<64, 128, 3, true> {
+  static constexpr bool kPersistent = false;
+};
+template <> struct Sm90ForwardClassConfig<128> : Sm90ForwardConfig<128, 128, 2, false> {
+  static constexpr bool kPersistent = true;
+};
+template <> struct Sm90ForwardClassConfig<256> : Sm90ForwardConfig<256, 64, 2, true> {
+  static constexpr bool kPersistent = true;
+};
 
 template <int kHeadDimClass, typename Element>
 Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& options,
@@ -54,7 +63,7 @@ Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& option
   int64_t ctas = num_tiles;
   if (options.persistent_ctas > 0)
     ctas = std::min<int64_t>(num_tiles, options.persistent_ctas);
-  else if (!p.has_window() && options.num_sms > 0)
+  else if (Config::kPersistent && !p.has_window() && options.num_sms > 0)
     ctas = std::min<int64_t>(num_tiles, options.num_sms);
   const dim3 grid(static_cast<unsigned>(ctas));
   kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(p, maps);
