@@ -1,10 +1,10 @@
 // FlashAttention forward for Hopper (sm_90a): warp-specialized, wgmma + TMA.
 //
-// A tile is 128 query rows of one (batch, head). The grid is one CTA per tile or, where every
-// tile has the same work (no mask window) and it pays (the launcher's kPersistent),
-// persistent: one CTA per SM, each taking tiles blockIdx.x, blockIdx.x + gridDim.x, ...,
-// so that the next tile's Q and first K/V copies run under the current tile's last product
-// and epilogue instead of after a CTA launch. Three warpgroups:
+// A tile is 128 query rows of one (batch, head); a unit is two tiles of equal total work
+// under a causal mask (tile_at). The grid is one CTA per unit or, where it pays (the
+// launcher's kPersistent), persistent: one CTA per SM, each taking units blockIdx.x,
+// blockIdx.x + gridDim.x, ... Either way a CTA's next tile's Q and first K/V copies run
+// under its current tile's last product and epilogue. Three warpgroups:
 //   warpgroup 0, the producer: one thread issues bulk tensor copies of each tile's Q and of
 //     K and V per key block into a kStages-deep ring of shared-memory stages (one ring
 //     across the CTA's tiles); each copy completes on its stage's "full" mbarrier, and the
@@ -94,7 +94,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   auto v_empty = [&](int stage) { return barriers + 8 * (2 + 3 * kStages + stage); };
 
   const int num_m_blocks = static_cast<int>((p.seqlen_q + kBlockM - 1) / kBlockM);
-  const int num_tiles = num_m_blocks * static_cast<int>(p.num_heads * p.batch);
+  const int units_per_head = (num_m_blocks + 1) / 2;
+  const int num_units = units_per_head * static_cast<int>(p.num_heads * p.batch);
+  // This CTA's units: blockIdx.x, blockIdx.x + gridDim.x, ...; two tiles each.
+  const int num_own_tiles =
+      2 * ((num_units - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) /
+           static_cast<int>(gridDim.x));
   const int seqlen_q = static_cast<int>(p.seqlen_q), head_dim = static_cast<int>(p.head_dim);
   const int thread = threadIdx.x;
 
@@ -111,16 +116,20 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   }
   __syncthreads();
 
-  // Tiles of one (batch, head) are neighbours in tile order, so that the CTAs running at
-  // once share K and V in L2; within a head the longest tiles (with a causal mask, the last
-  // ones) go first.
+  // Tiles come in units of two row blocks of one (batch, head), the i-th from the end and
+  // the i-th from the start: with a causal mask every unit then has the same work, so a
+  // CTA taking units in turn is balanced, and the longest rows go first. Units of one
+  // (batch, head) are neighbours, so the CTAs running at once share K and V in L2.
   struct Tile {
+    bool exists;  // false for the second tile of an odd count's middle unit
     int head, batch, head_kv, row0, valid_rows, key_begin, num_key_blocks;
   };
-  auto tile_at = [&](int index) {
+  auto tile_at = [&](int own_tile) {
     Tile tile;
-    const int m_block = num_m_blocks - 1 - index % num_m_blocks;
-    const int head_batch = index / num_m_blocks;
+    const int unit = static_cast<int>(blockIdx.x) + (own_tile / 2) * static_cast<int>(gridDim.x);
+    const int pair = unit % units_per_head, head_batch = unit / units_per_head;
+    const int m_block = own_tile % 2 == 0 ? num_m_blocks - 1 - pair : pair;
+    tile.exists = own_tile % 2 == 0 || m_block != num_m_blocks - 1 - pair;
     tile.head = head_batch % static_cast<int>(p.num_heads);
     tile.batch = head_batch / static_cast<int>(p.num_heads);
     tile.head_kv = tile.head / static_cast<int>(p.num_heads / p.num_heads_kv);
@@ -143,9 +152,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     sm90::prefetch_tensor_map(&maps.v);
     // Key blocks and Q tiles loaded so far by this CTA: the ring's and Q's phases.
     int kv_count = 0, q_count = 0;
-    for (int index = blockIdx.x; index < num_tiles; index += gridDim.x) {
-      const Tile tile = tile_at(index);
-      if (tile.num_key_blocks == 0) continue;
+    for (int own_tile = 0; own_tile < num_own_tiles; ++own_tile) {
+      const Tile tile = tile_at(own_tile);
+      if (!tile.exists || tile.num_key_blocks == 0) continue;
       if (q_count > 0) sm90::mbarrier_wait(q_empty, (q_count - 1) & 1);
       sm90::mbarrier_arrive_expect_tx(q_full, Config::kQBytes);
       sm90::tma_load_tile<kChunks, kBlockM>(q_smem, &maps.q, q_full, tile.row0, tile.head,
@@ -240,8 +249,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 
     // Key blocks and Q tiles consumed so far by this CTA: the ring's and Q's phases.
     int kv_count = 0, q_count = 0;
-    for (int index = blockIdx.x; index < num_tiles; index += gridDim.x) {
-      tile = tile_at(index);
+    for (int own_tile = 0; own_tile < num_own_tiles; ++own_tile) {
+      tile = tile_at(own_tile);
+      if (!tile.exists) continue;
       // Computed where they are written, not held across the tile's products.
       auto out = [&] {
         return static_cast<Element*>(p.out) + tile.batch * p.out_strides.batch +

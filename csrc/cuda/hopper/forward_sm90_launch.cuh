@@ -19,9 +19,9 @@ namespace jax_flash::cuda {
 // (ping-pong). Measured on an H100 (NOTES_sm90.md): ping-pong gains 1-12% at head dims 64
 // and 256 (where the softmax is long next to the products, or the register file is full)
 // and loses 2-4% at 16k tokens for head dim 128. Shared memory: 112 KB, 160 KB, 192 KB.
-// kPersistent: whether calls without a mask window get the persistent grid. It gained
-// 1-15% at head dim 128 (most at 1k tokens) and 1-3% at 256, and lost 4% at 8k tokens at
-// head dim 64 (2026-11-25).
+// kPersistent: a grid of one CTA per SM rather than one per unit (two tiles; the kernel's
+// header). Without a mask window it gained 1-15% at head dim 128 (most at 1k tokens) and
+// 1-3% at 256, and lost 4% at 8k tokens at head dim 64 (2026-11-25, tiles not yet paired).
 template <int kHeadDimClass> struct Sm90ForwardClassConfig;
 template <> struct Sm90ForwardClassConfig<64> : Sm90ForwardConfig<64, 128, 3, true> {
   static constexpr bool kPersistent = false;
@@ -56,15 +56,13 @@ Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& option
                                      "head_dim " + std::to_string(kHeadDimClass) + " sm90 forward");
       !s.ok())
     return s;
-  const int64_t num_tiles =
-      (p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM * p.num_heads * p.batch;
-  // Persistent (a CTA per SM looping over tiles) where every tile has the same work; with a
-  // mask window the tiles' work differs, and one CTA per tile lets the hardware balance it.
-  int64_t ctas = num_tiles;
+  const int64_t num_units =
+      (p.seqlen_q + 2 * Config::kBlockM - 1) / (2 * Config::kBlockM) * p.num_heads * p.batch;
+  int64_t ctas = num_units;
   if (options.persistent_ctas > 0)
-    ctas = std::min<int64_t>(num_tiles, options.persistent_ctas);
-  else if (Config::kPersistent && !p.has_window() && options.num_sms > 0)
-    ctas = std::min<int64_t>(num_tiles, options.num_sms);
+    ctas = std::min<int64_t>(num_units, options.persistent_ctas);
+  else if (Config::kPersistent && options.num_sms > 0)
+    ctas = std::min<int64_t>(num_units, options.num_sms);
   const dim3 grid(static_cast<unsigned>(ctas));
   kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(p, maps);
   return Status::FromCuda(cudaGetLastError(), "launching the sm90 forward kernel");
