@@ -1,9 +1,9 @@
 // FlashAttention forward for Hopper (sm_90a): warp-specialized, wgmma + TMA.
 //
-// A tile is 128 query rows of one (batch, head); a unit is two tiles of equal total work
-// under a causal mask (tile_at). The grid is one CTA per unit or, where it pays (the
-// launcher's kPersistent), persistent: one CTA per SM, each taking units blockIdx.x,
-// blockIdx.x + gridDim.x, ... Either way a CTA's next tile's Q and first K/V copies run
+// A tile is 128 query rows of one (batch, head); a unit is one tile, or with a mask window
+// two of equal total work under a causal mask (tile_at). The grid is one CTA per unit or,
+// where it pays (the launcher's kPersistent), persistent: one CTA per SM, each taking units
+// blockIdx.x, blockIdx.x + gridDim.x, ... A CTA's next tile's Q and first K/V copies run
 // under its current tile's last product and epilogue. Three warpgroups:
 //   warpgroup 0, the producer: one thread issues bulk tensor copies of each tile's Q and of
 //     K and V per key block into a kStages-deep ring of shared-memory stages (one ring
@@ -73,7 +73,7 @@ struct Sm90ForwardConfig {
 template <class Config, typename Element, bool kHasWindow>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     forward_kernel_sm90(const __grid_constant__ AttentionParams p,
-                        const __grid_constant__ Sm90ForwardMaps maps) {
+                        const __grid_constant__ Sm90ForwardMaps maps, bool paired) {
   constexpr int kBlockM = Config::kBlockM, kBlockN = Config::kBlockN, kStages = Config::kStages;
   constexpr int kHeadDim = Config::kHeadDim, kChunks = Config::kChunks;
   constexpr int kNTiles = Config::kNTiles, kDTiles = Config::kDTiles;
@@ -94,12 +94,14 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   auto v_empty = [&](int stage) { return barriers + 8 * (2 + 3 * kStages + stage); };
 
   const int num_m_blocks = static_cast<int>((p.seqlen_q + kBlockM - 1) / kBlockM);
-  const int units_per_head = (num_m_blocks + 1) / 2;
+  const int tiles_per_unit = paired ? 2 : 1;
+  const int units_per_head = (num_m_blocks + tiles_per_unit - 1) / tiles_per_unit;
   const int num_units = units_per_head * static_cast<int>(p.num_heads * p.batch);
-  // This CTA's units: blockIdx.x, blockIdx.x + gridDim.x, ...; two tiles each.
+  // This CTA's units: blockIdx.x, blockIdx.x + gridDim.x, ...
   const int num_own_tiles =
-      2 * ((num_units - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) /
-           static_cast<int>(gridDim.x));
+      tiles_per_unit *
+      ((num_units - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) /
+       static_cast<int>(gridDim.x));
   const int seqlen_q = static_cast<int>(p.seqlen_q), head_dim = static_cast<int>(p.head_dim);
   const int thread = threadIdx.x;
 
@@ -116,20 +118,23 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   }
   __syncthreads();
 
-  // Tiles come in units of two row blocks of one (batch, head), the i-th from the end and
-  // the i-th from the start: with a causal mask every unit then has the same work, so a
-  // CTA taking units in turn is balanced, and the longest rows go first. Units of one
-  // (batch, head) are neighbours, so the CTAs running at once share K and V in L2.
+  // Paired (where a mask window makes row blocks' work differ), a unit is two row blocks of
+  // one (batch, head), the i-th from the end and the i-th from the start: with a causal
+  // mask every unit then has the same work, so a CTA taking units in turn is balanced.
+  // Otherwise a unit is one row block. Either way the longest rows go first, and units of
+  // one (batch, head) are neighbours, so the CTAs running at once share K and V in L2.
   struct Tile {
-    bool exists;  // false for the second tile of an odd count's middle unit
+    bool exists;  // false for the second tile of an odd count's middle pair
     int head, batch, head_kv, row0, valid_rows, key_begin, num_key_blocks;
   };
   auto tile_at = [&](int own_tile) {
     Tile tile;
-    const int unit = static_cast<int>(blockIdx.x) + (own_tile / 2) * static_cast<int>(gridDim.x);
-    const int pair = unit % units_per_head, head_batch = unit / units_per_head;
-    const int m_block = own_tile % 2 == 0 ? num_m_blocks - 1 - pair : pair;
-    tile.exists = own_tile % 2 == 0 || m_block != num_m_blocks - 1 - pair;
+    const bool second = paired && own_tile % 2 == 1;
+    const int unit = static_cast<int>(blockIdx.x) +
+                     (paired ? own_tile / 2 : own_tile) * static_cast<int>(gridDim.x);
+    const int within = unit % units_per_head, head_batch = unit / units_per_head;
+    const int m_block = second ? within : num_m_blocks - 1 - within;
+    tile.exists = !second || m_block != num_m_blocks - 1 - within;
     tile.head = head_batch % static_cast<int>(p.num_heads);
     tile.batch = head_batch / static_cast<int>(p.num_heads);
     tile.head_kv = tile.head / static_cast<int>(p.num_heads / p.num_heads_kv);

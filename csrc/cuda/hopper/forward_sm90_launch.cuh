@@ -19,9 +19,9 @@ namespace jax_flash::cuda {
 // (ping-pong). Measured on an H100 (NOTES_sm90.md): ping-pong gains 1-12% at head dims 64
 // and 256 (where the softmax is long next to the products, or the register file is full)
 // and loses 2-4% at 16k tokens for head dim 128. Shared memory: 112 KB, 160 KB, 192 KB.
-// kPersistent: a grid of one CTA per SM rather than one per unit (two tiles; the kernel's
-// header). Without a mask window it gained 1-15% at head dim 128 (most at 1k tokens) and
-// 1-3% at 256, and lost 4% at 8k tokens at head dim 64 (2026-11-25, tiles not yet paired).
+// kPersistent: a grid of one CTA per SM rather than one per unit (the kernel's header).
+// Measured on an H100 (2026-11-25, NOTES_sm90.md): +1-16% at head dim 128 (most at 1k
+// tokens), +1-5% at 256; at 64 it lost 4% at 8k tokens (two CTAs fit an SM there).
 template <int kHeadDimClass> struct Sm90ForwardClassConfig;
 template <> struct Sm90ForwardClassConfig<64> : Sm90ForwardConfig<64, 128, 3, true> {
   static constexpr bool kPersistent = false;
@@ -56,15 +56,20 @@ Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& option
                                      "head_dim " + std::to_string(kHeadDimClass) + " sm90 forward");
       !s.ok())
     return s;
+  // Row blocks are paired where a mask window makes their work differ (the kernel's
+  // tile_at); without one they all have the same work, and pairing them measured 4-5%
+  // slower at head dim 64 (2026-11-25).
+  const bool paired = p.has_window();
+  const int64_t num_m_blocks = (p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM;
   const int64_t num_units =
-      (p.seqlen_q + 2 * Config::kBlockM - 1) / (2 * Config::kBlockM) * p.num_heads * p.batch;
+      (paired ? (num_m_blocks + 1) / 2 : num_m_blocks) * p.num_heads * p.batch;
   int64_t ctas = num_units;
   if (options.persistent_ctas > 0)
     ctas = std::min<int64_t>(num_units, options.persistent_ctas);
   else if (Config::kPersistent && options.num_sms > 0)
     ctas = std::min<int64_t>(num_units, options.num_sms);
   const dim3 grid(static_cast<unsigned>(ctas));
-  kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(p, maps);
+  kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(p, maps, paired);
   return Status::FromCuda(cudaGetLastError(), "launching the sm90 forward kernel");
 }
 
