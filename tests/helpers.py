@@ -9,6 +9,10 @@ form (delta = rowsum(dout * out)) leaves rounding noise of an ulp or two.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +93,17 @@ def losses(kwargs, flash_fn=None, reference_fn=None):
         return loss
 
     return make(flash_fn or flash), make(reference_fn or reference)
+
+
+def run_selection_in_fresh_process(test_file, selection, **environment):
+    """Runs `pytest -k selection` on test_file in a fresh process with extra environment
+    variables (settings the library reads once per process, such as the GPU test aids) and
+    asserts that its tests ran and passed: a skip there would hide the case it exists for."""
+    test_file = os.path.abspath(test_file)
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection,
+         test_file],
+        env=dict(os.environ, **environment), capture_output=True, text=True,
+        cwd=os.path.dirname(test_file))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]

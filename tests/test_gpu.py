@@ -6,8 +6,6 @@ every test here is skipped with the reason.
 
 import functools
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +15,7 @@ import pytest
 import jax_flash as jf
 from jax_flash import dropout
 from helpers import (alibi_slopes_for, assert_within_twice_plain, flash_offset, random_qkv,
-                     reference_offset)
+                     reference_offset, run_selection_in_fresh_process)
 
 GPU = [d for d in jax.devices() if d.platform == "gpu"] if jax.default_backend() == "gpu" else []
 pytestmark = pytest.mark.skipif(
@@ -151,13 +149,7 @@ def test_tile_shapes_of_gpus_with_less_shared_memory(limit, selection):
     """The launchers pick smaller tiles where the GPU has less shared memory than Hopper.
     Those shapes run here, on this GPU, with the shared memory capped in a fresh process
     (the cap is read once per process); the subprocess must run its tests, not skip them."""
-    env = dict(os.environ, JAX_FLASH_CUDA_SMEM_LIMIT=str(limit))
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection,
-         os.path.abspath(__file__)],
-        env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    run_selection_in_fresh_process(__file__, selection, JAX_FLASH_CUDA_SMEM_LIMIT=str(limit))
 
 
 @pytest.mark.skipif(os.environ.get("JAX_FLASH_CUDA_SMEM_LIMIT") != str(SM86_SMEM_LIMIT),

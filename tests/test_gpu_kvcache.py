@@ -5,8 +5,6 @@ every test here is skipped with the reason.
 """
 
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +12,7 @@ import numpy as np
 import pytest
 
 import jax_flash as jf
-from helpers import alibi_slopes_for, assert_within_twice_plain
+from helpers import alibi_slopes_for, assert_within_twice_plain, run_selection_in_fresh_process
 from kvcache_cases import build, capacity_of, check_append
 
 GPU = [d for d in jax.devices() if d.platform == "gpu"] if jax.default_backend() == "gpu" else []
@@ -175,13 +173,8 @@ SM86_SMEM_LIMIT = 101376  # bytes of shared memory an sm86 / sm89 CTA may opt in
 def test_kvcache_with_sm86_shared_memory():
     """Head dim 256 needs the smaller tiles on GPUs with 99 KB per CTA: run them here, with
     the shared memory capped in a fresh process; it must run its tests, not skip them."""
-    env = dict(os.environ, JAX_FLASH_CUDA_SMEM_LIMIT=str(SM86_SMEM_LIMIT))
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-         "capped_shared_memory", os.path.abspath(__file__)],
-        env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    run_selection_in_fresh_process(__file__, "capped_shared_memory",
+                                   JAX_FLASH_CUDA_SMEM_LIMIT=str(SM86_SMEM_LIMIT))
 
 
 @pytest.mark.skipif(os.environ.get("JAX_FLASH_CUDA_SMEM_LIMIT") != str(SM86_SMEM_LIMIT),

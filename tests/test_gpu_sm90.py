@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import jax_flash as jf
+from helpers import run_selection_in_fresh_process
 from test_gpu import GPU, check
 
 HOPPER = bool(GPU) and all(getattr(d, "compute_capability", "") == "9.0" for d in GPU)
@@ -71,14 +72,9 @@ def test_forward_on_few_persistent_ctas():
     read once per process, so in a fresh one): each CTA takes many tiles in a row, fully
     masked ones and partial ones included, through one ring of K/V stages. The subprocess
     must run its tests, not skip them."""
-    env = dict(os.environ, JAX_FLASH_CUDA_PERSISTENT_CTAS="3",
-               XLA_PYTHON_CLIENT_PREALLOCATE="false")
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-         "test_forward_tiles_shared", os.path.abspath(__file__)],
-        env=env, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]
+    run_selection_in_fresh_process(__file__, "test_forward_tiles_shared",
+                                   JAX_FLASH_CUDA_PERSISTENT_CTAS="3",
+                                   XLA_PYTHON_CLIENT_PREALLOCATE="false")
 
 
 @pytest.mark.skipif(os.environ.get("JAX_FLASH_CUDA_PERSISTENT_CTAS") != "3",
