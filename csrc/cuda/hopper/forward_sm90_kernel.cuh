@@ -73,7 +73,7 @@ struct Sm90ForwardConfig {
 template <class Config, typename Element, bool kHasWindow>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     forward_kernel_sm90(const __grid_constant__ AttentionParams p,
-                        const __grid_constant__ Sm90ForwardMaps maps, bool paired) {
+                        const __grid_constant__ Sm90ForwardMaps maps) {
   constexpr int kBlockM = Config::kBlockM, kBlockN = Config::kBlockN, kStages = Config::kStages;
   constexpr int kHeadDim = Config::kHeadDim, kChunks = Config::kChunks;
   constexpr int kNTiles = Config::kNTiles, kDTiles = Config::kDTiles;
@@ -94,12 +94,15 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   auto v_empty = [&](int stage) { return barriers + 8 * (2 + 3 * kStages + stage); };
 
   const int num_m_blocks = static_cast<int>((p.seqlen_q + kBlockM - 1) / kBlockM);
-  const int tiles_per_unit = paired ? 2 : 1;
-  const int units_per_head = (num_m_blocks + tiles_per_unit - 1) / tiles_per_unit;
+  // Row blocks are paired exactly when a mask window makes their work differ, so the
+  // window's compile-time switch serves (the kernels without one keep the plain loop).
+  constexpr bool kPaired = kHasWindow;
+  constexpr int kTilesPerUnit = kPaired ? 2 : 1;
+  const int units_per_head = (num_m_blocks + kTilesPerUnit - 1) / kTilesPerUnit;
   const int num_units = units_per_head * static_cast<int>(p.num_heads * p.batch);
   // This CTA's units: blockIdx.x, blockIdx.x + gridDim.x, ...
   const int num_own_tiles =
-      tiles_per_unit *
+      kTilesPerUnit *
       ((num_units - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) /
        static_cast<int>(gridDim.x));
   const int seqlen_q = static_cast<int>(p.seqlen_q), head_dim = static_cast<int>(p.head_dim);
@@ -129,9 +132,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   };
   auto tile_at = [&](int own_tile) {
     Tile tile;
-    const bool second = paired && own_tile % 2 == 1;
+    const bool second = kPaired && own_tile % 2 == 1;
     const int unit = static_cast<int>(blockIdx.x) +
-                     (paired ? own_tile / 2 : own_tile) * static_cast<int>(gridDim.x);
+                     (kPaired ? own_tile / 2 : own_tile) * static_cast<int>(gridDim.x);
     const int within = unit % units_per_head, head_batch = unit / units_per_head;
     const int m_block = second ? within : num_m_blocks - 1 - within;
     tile.exists = !second || m_block != num_m_blocks - 1 - within;

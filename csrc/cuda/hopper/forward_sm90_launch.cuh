@@ -21,7 +21,7 @@ namespace jax_flash::cuda {
 // and loses 2-4% at 16k tokens for head dim 128. Shared memory: 112 KB, 160 KB, 192 KB.
 // kPersistent: a grid of one CTA per SM rather than one per unit (the kernel's header).
 // Measured on an H100 (2026-11-25, NOTES_sm90.md): +1-16% at head dim 128 (most at 1k
-// tokens), +1-5% at 256; at 64 it lost 4% at 8k tokens (two CTAs fit an SM there).
+// tokens), +1-5% at 256; at 64 it lost 4% at 8k tokens.
 template <int kHeadDimClass> struct Sm90ForwardClassConfig;
 template <> struct Sm90ForwardClassConfig<64> : Sm90ForwardConfig<64, 128, 3, true> {
   static constexpr bool kPersistent = false;
@@ -57,8 +57,7 @@ Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& option
       !s.ok())
     return s;
   // Row blocks are paired where a mask window makes their work differ (the kernel's
-  // tile_at); without one they all have the same work, and pairing them measured 4-5%
-  // slower at head dim 64 (2026-11-25).
+  // tile_at, kPaired); without one they all have the same work.
   const bool paired = p.has_window();
   const int64_t num_m_blocks = (p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM;
   const int64_t num_units =
@@ -69,7 +68,7 @@ Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& option
   else if (Config::kPersistent && options.num_sms > 0)
     ctas = std::min<int64_t>(num_units, options.num_sms);
   const dim3 grid(static_cast<unsigned>(ctas));
-  kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(p, maps, paired);
+  kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(p, maps);
   return Status::FromCuda(cudaGetLastError(), "launching the sm90 forward kernel");
 }
 
