@@ -68,9 +68,9 @@ def test_large(shape, head_dim, causal):
 
 @pytest.mark.skipif("JAX_FLASH_CUDA_PERSISTENT_CTAS" in os.environ, reason="already a capped run")
 def test_forward_on_few_persistent_ctas():
-    """The persistent forward with three CTAs for every mask (JAX_FLASH_CUDA_PERSISTENT_CTAS,
-    read once per process, so in a fresh one): each CTA takes many tiles in a row, fully
-    masked ones and partial ones included, through one ring of K/V stages. The subprocess
+    """The persistent forward on three CTAs (JAX_FLASH_CUDA_PERSISTENT_CTAS, read once per
+    process, so in a fresh one): each CTA takes many tiles in a row, fully masked ones,
+    partial ones and paired ones included, through one ring of K/V stages. The subprocess
     must run its tests, not skip them."""
     run_selection_in_fresh_process(__file__, "test_forward_tiles_shared",
                                    JAX_FLASH_CUDA_PERSISTENT_CTAS="3",

@@ -1,10 +1,10 @@
 // FlashAttention forward for Hopper (sm_90a): warp-specialized, wgmma + TMA.
 //
 // A tile is 128 query rows of one (batch, head); a unit is one tile, or with a mask window
-// two of equal total work under a causal mask (tile_at). The grid is one CTA per unit or,
-// where it pays (the launcher's kPersistent), persistent: one CTA per SM, each taking units
-// blockIdx.x, blockIdx.x + gridDim.x, ... A CTA's next tile's Q and first K/V copies run
-// under its current tile's last product and epilogue. Three warpgroups:
+// two of equal total work under a causal mask (tile_at). The grid is persistent: one CTA
+// per SM, each taking units blockIdx.x, blockIdx.x + gridDim.x, ..., so that its next
+// tile's Q and first K/V copies run under its current tile's last product and epilogue
+// instead of after a CTA launch. Three warpgroups:
 //   warpgroup 0, the producer: one thread issues bulk tensor copies of each tile's Q and of
 //     K and V per key block into a kStages-deep ring of shared-memory stages (one ring
 //     across the CTA's tiles); each copy completes on its stage's "full" mbarrier, and the

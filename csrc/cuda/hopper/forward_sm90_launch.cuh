@@ -19,19 +19,10 @@ namespace jax_flash::cuda {
 // (ping-pong). Measured on an H100 (NOTES_sm90.md): ping-pong gains 1-12% at head dims 64
 // and 256 (where the softmax is long next to the products, or the register file is full)
 // and loses 2-4% at 16k tokens for head dim 128. Shared memory: 112 KB, 160 KB, 192 KB.
-// kPersistent: a grid of one CTA per SM rather than one per unit (the kernel's header).
-// Measured on an H100 (2026-11-25, NOTES_sm90.md): +1-16% at head dim 128 (most at 1k
-// tokens), +1-5% at 256; at 64 it lost 4% at 8k tokens.
 template <int kHeadDimClass> struct Sm90ForwardClassConfig;
-template <> struct Sm90ForwardClassConfig<64> : Sm90ForwardConfig<64, 128, 3, true> {
-  static constexpr bool kPersistent = false;
-};
-template <> struct Sm90ForwardClassConfig<128> : Sm90ForwardConfig<128, 128, 2, false> {
-  static constexpr bool kPersistent = true;
-};
-template <> struct Sm90ForwardClassConfig<256> : Sm90ForwardConfig<256, 64, 2, true> {
-  static constexpr bool kPersistent = true;
-};
+template <> struct Sm90ForwardClassConfig<64> : Sm90ForwardConfig<64, 128, 3, true> {};
+template <> struct Sm90ForwardClassConfig<128> : Sm90ForwardConfig<128, 128, 2, false> {};
+template <> struct Sm90ForwardClassConfig<256> : Sm90ForwardConfig<256, 64, 2, true> {};
 
 template <int kHeadDimClass, typename Element>
 Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& options,
@@ -62,10 +53,12 @@ Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& option
   const int64_t num_m_blocks = (p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM;
   const int64_t num_units =
       (paired ? (num_m_blocks + 1) / 2 : num_m_blocks) * p.num_heads * p.batch;
+  // Persistent: one CTA per SM (measured against one per tile in NOTES_sm90.md, forward
+  // v3-v5), or the test aid's cap.
   int64_t ctas = num_units;
   if (options.persistent_ctas > 0)
     ctas = std::min<int64_t>(num_units, options.persistent_ctas);
-  else if (Config::kPersistent && options.num_sms > 0)
+  else if (options.num_sms > 0)
     ctas = std::min<int64_t>(num_units, options.num_sms);
   const dim3 grid(static_cast<unsigned>(ctas));
   kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(p, maps);
