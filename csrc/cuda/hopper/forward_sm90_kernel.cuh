@@ -46,13 +46,16 @@ struct Sm90ForwardMaps {
   CUtensorMap q, k, v;
 };
 
-template <int kHeadDim_, int kBlockN_, int kStages_, bool kPingPong_>
+template <int kHeadDim_, int kBlockN_, int kStages_, bool kPingPong_, int kQStages_>
 struct Sm90ForwardConfig {
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kBlockM = 128;  // two consumer warpgroups of 64 rows
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStages = kStages_;
   static constexpr bool kPingPong = kPingPong_;
+  // Q buffers: with two, a persistent CTA loads its next tile's Q during the current tile
+  // (one alone is free only after the tile's last S product, too late to hide the copy).
+  static constexpr int kQStages = kQStages_;
   static constexpr int kConsumers = 2;
   static constexpr int kThreads = 128 * (1 + kConsumers);
   static constexpr int kChunks = kHeadDim / 64;  // 64-column swizzle atoms across head_dim
@@ -60,13 +63,16 @@ struct Sm90ForwardConfig {
   static constexpr int kDTiles = kHeadDim / 8;
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
-  static constexpr int kBarriers = 2 + 4 * kStages;  // q full, empty; k/v full; k/v empty
+  // Q full and empty per Q buffer; K/V full and empty per stage.
+  static constexpr int kBarriers = 2 * kQStages + 4 * kStages;
   // Tiles, barriers, and slack to align the tiles to 1024 bytes (the swizzle atom).
-  static constexpr int kSmemBytes = kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers + 1024;
+  static constexpr int kSmemBytes =
+      kQStages * kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers + 1024;
   // Registers per thread after reallocation: 128 * (producer + 2 * consumer) <= 64K.
   static constexpr int kProducerRegisters = 40;
   static constexpr int kConsumerRegisters = 232;
   static_assert(kHeadDim % 64 == 0 && kBlockN % 16 == 0 && kStages >= 2, "tile shape");
+  static_assert(kQStages == 1 || kQStages == 2, "Q buffers");
   static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= 512, "register file");
 };
 
@@ -83,15 +89,19 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   const uint32_t smem = (shared_address(smem_raw) + 1023u) & ~1023u;
   // Each tile is kChunks column chunks of [rows][64] elements (128-byte rows, swizzled).
-  const uint32_t q_smem = smem;
-  auto k_smem = [&](int stage) { return smem + Config::kQBytes + 2 * stage * Config::kKVBytes; };
+  constexpr int kQStages = Config::kQStages;
+  auto q_smem = [&](int buffer) { return smem + buffer * Config::kQBytes; };
+  const uint32_t kv_base = smem + kQStages * Config::kQBytes;
+  auto k_smem = [&](int stage) { return kv_base + 2 * stage * Config::kKVBytes; };
   auto v_smem = [&](int stage) { return k_smem(stage) + Config::kKVBytes; };
-  const uint32_t barriers = smem + Config::kQBytes + 2 * kStages * Config::kKVBytes;
-  const uint32_t q_full = barriers, q_empty = barriers + 8;
-  auto k_full = [&](int stage) { return barriers + 8 * (2 + stage); };
-  auto v_full = [&](int stage) { return barriers + 8 * (2 + kStages + stage); };
-  auto k_empty = [&](int stage) { return barriers + 8 * (2 + 2 * kStages + stage); };
-  auto v_empty = [&](int stage) { return barriers + 8 * (2 + 3 * kStages + stage); };
+  const uint32_t barriers = kv_base + 2 * kStages * Config::kKVBytes;
+  auto q_full = [&](int buffer) { return barriers + 8 * buffer; };
+  auto q_empty = [&](int buffer) { return barriers + 8 * (kQStages + buffer); };
+  const uint32_t kv_barriers = barriers + 8 * 2 * kQStages;
+  auto k_full = [&](int stage) { return kv_barriers + 8 * stage; };
+  auto v_full = [&](int stage) { return kv_barriers + 8 * (kStages + stage); };
+  auto k_empty = [&](int stage) { return kv_barriers + 8 * (2 * kStages + stage); };
+  auto v_empty = [&](int stage) { return kv_barriers + 8 * (3 * kStages + stage); };
 
   const int num_m_blocks = static_cast<int>((p.seqlen_q + kBlockM - 1) / kBlockM);
   // Row blocks are paired exactly when a mask window makes their work differ, so the
@@ -109,8 +119,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int thread = threadIdx.x;
 
   if (thread == 0) {
-    sm90::mbarrier_init(q_full, 1);
-    sm90::mbarrier_init(q_empty, 4 * Config::kConsumers);  // one per consumer warp
+    for (int buffer = 0; buffer < kQStages; ++buffer) {
+      sm90::mbarrier_init(q_full(buffer), 1);
+      sm90::mbarrier_init(q_empty(buffer), 4 * Config::kConsumers);  // one per consumer warp
+    }
     for (int stage = 0; stage < kStages; ++stage) {
       sm90::mbarrier_init(k_full(stage), 1);
       sm90::mbarrier_init(v_full(stage), 1);
@@ -163,10 +175,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     for (int own_tile = 0; own_tile < num_own_tiles; ++own_tile) {
       const Tile tile = tile_at(own_tile);
       if (!tile.exists || tile.num_key_blocks == 0) continue;
-      if (q_count > 0) sm90::mbarrier_wait(q_empty, (q_count - 1) & 1);
-      sm90::mbarrier_arrive_expect_tx(q_full, Config::kQBytes);
-      sm90::tma_load_tile<kChunks, kBlockM>(q_smem, &maps.q, q_full, tile.row0, tile.head,
-                                            tile.batch);
+      const int q_buffer = q_count % kQStages, q_use = q_count / kQStages;
+      if (q_use > 0) sm90::mbarrier_wait(q_empty(q_buffer), (q_use - 1) & 1);
+      sm90::mbarrier_arrive_expect_tx(q_full(q_buffer), Config::kQBytes);
+      sm90::tma_load_tile<kChunks, kBlockM>(q_smem(q_buffer), &maps.q, q_full(q_buffer),
+                                            tile.row0, tile.head, tile.batch);
       ++q_count;
       for (int block = 0; block < tile.num_key_blocks; ++block, ++kv_count) {
         const int stage = kv_count % kStages, use = kv_count / kStages;
@@ -194,7 +207,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     const KeyWindow window = KeyWindow::make(p);
     // The current tile and what follows from it (the lambdas below read them).
     Tile tile{};
-    int query0 = 0;
+    int query0 = 0, q_buffer = 0;
     ScoreTransform transform;
 
     float acc_o[1][kDTiles][4];
@@ -217,7 +230,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     // the low bits; offsets never carry out of it).
     using sm90::opaque;
     auto issue_scores = [&](int stage) {
-      const uint64_t a0 = opaque(sm90::smem_descriptor(q_smem + group_row0 * 128, 16, 1024));
+      const uint64_t a0 =
+          opaque(sm90::smem_descriptor(q_smem(q_buffer) + group_row0 * 128, 16, 1024));
       const uint64_t b0 = opaque(sm90::smem_descriptor(k_smem(stage), 16, 1024));
       sm90::wgmma_fence();
 #pragma unroll
@@ -288,12 +302,13 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       // Q is free once the tile's last S product is done.
       auto release_k = [&](int block) {
         release(k_empty(stage_of(block)));
-        if (block == num_key_blocks - 1) release(q_empty);
+        if (block == num_key_blocks - 1) release(q_empty(q_buffer));
       };
       if constexpr (kPingPong)
         if (consumer == 1) sm90::named_barrier_arrive(1, 256);
 
-      sm90::mbarrier_wait(q_full, q_count & 1);
+      q_buffer = q_count % kQStages;
+      sm90::mbarrier_wait(q_full(q_buffer), (q_count / kQStages) & 1);
       {
         float correction[1][2];
         sm90::mbarrier_wait(k_full(stage_of(0)), phase_of(0));

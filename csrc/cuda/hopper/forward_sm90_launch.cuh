@@ -18,11 +18,12 @@ namespace jax_flash::cuda {
 // keys, kStages K/V stages, and whether the consumers take turns issuing their products
 // (ping-pong). Measured on an H100 (NOTES_sm90.md): ping-pong gains 1-12% at head dims 64
 // and 256 (where the softmax is long next to the products, or the register file is full)
-// and loses 2-4% at 16k tokens for head dim 128. Shared memory: 112 KB, 160 KB, 192 KB.
+// and loses 2-4% at 16k tokens for head dim 128. The last argument is the Q buffers: two
+// where shared memory allows (128 KB, 192 KB in all), one at head dim 256 (192 KB).
 template <int kHeadDimClass> struct Sm90ForwardClassConfig;
-template <> struct Sm90ForwardClassConfig<64> : Sm90ForwardConfig<64, 128, 3, true> {};
-template <> struct Sm90ForwardClassConfig<128> : Sm90ForwardConfig<128, 128, 2, false> {};
-template <> struct Sm90ForwardClassConfig<256> : Sm90ForwardConfig<256, 64, 2, true> {};
+template <> struct Sm90ForwardClassConfig<64> : Sm90ForwardConfig<64, 128, 3, true, 2> {};
+template <> struct Sm90ForwardClassConfig<128> : Sm90ForwardConfig<128, 128, 2, false, 2> {};
+template <> struct Sm90ForwardClassConfig<256> : Sm90ForwardConfig<256, 64, 2, true, 1> {};
 
 template <int kHeadDimClass, typename Element>
 Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& options,
