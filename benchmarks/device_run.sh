@@ -67,9 +67,9 @@ run_step() {
     memcheck)
       # One process per option group (see gpu_memcheck_driver.py), with XLA's command
       # buffers (CUDA graphs) off: with them the sanitizer's front end segfaulted at random
-      # points (both groups of one call, 2026-11-25); without them three of four group runs
-      # reached a clean summary and one segfaulted (masks, after its d256 shape). Rerun a
-      # group that dies; errors found before a crash are in its log.
+      # points (both groups of one call, 2026-11-25); without them six of eight group runs
+      # that session reached a clean summary and two segfaulted (masks once, masks2 once).
+      # Rerun a group that dies; errors found before a crash are in its log.
       for group in ${MEMCHECK_GROUPS:-masks masks2 deterministic dropout kvcache}; do
         (cd tests && XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS=--xla_gpu_enable_command_buffer= \
           timeout "$limit" compute-sanitizer --tool memcheck \
