@@ -1,8 +1,8 @@
 // The one place that picks a kernel for a call: validates what the kernels assume, reads
-// the device's compute capability (once per device), and dispatches on architecture,
-// element type and head-dim class. Hopper (sm90) runs the wgmma kernels (the forward and
-// the backward's main kernel, head dims 64, 128 and 256) where the build has them and the
-// call suits them (sm90_eligible); everything else runs the sm80 kernels.
+// the device's compute capability (once per device), and dispatches on element type and
+// head-dim class. Hopper (sm90) runs the wgmma kernels (the forward and the backward's main
+// kernel, head dims 64, 128 and 256) where the build has them and the call suits them
+// (sm90_eligible); everything else runs the sm80 kernels.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
@@ -88,16 +88,13 @@ Status current_device_info(DeviceInfo* info) {
   return Status::Ok();
 }
 
-enum class Architecture { kSm80 };
-
-Status architecture_of(const DeviceInfo& device, Architecture* architecture) {
+// Every sm80+ GPU runs the sm80 kernels; compute capability 9.0 may also run the sm_90a
+// ones (LaunchOptions::sm90, sm90_eligible).
+Status check_compute_capability(const DeviceInfo& device) {
   if (device.major < 8)
     return Status::Unimplemented(
         "jax_flash CUDA kernels need compute capability 8.0 or newer (Ampere, Ada, Hopper, "
         "...); this GPU is sm_" + std::to_string(device.major) + std::to_string(device.minor));
-  // Every sm80+ GPU runs the sm80 kernels; compute capability 9.0 may also run the sm_90a
-  // ones (LaunchOptions::sm90, sm90_eligible).
-  *architecture = Architecture::kSm80;
   return Status::Ok();
 }
 
@@ -171,11 +168,10 @@ bool vectorizable(const AttentionParams& p, bool backward) {
   return ok;
 }
 
-Status launch_options(const AttentionParams& p, bool backward, Architecture* architecture,
-                      LaunchOptions* options) {
+Status launch_options(const AttentionParams& p, bool backward, LaunchOptions* options) {
   DeviceInfo device;
   if (Status s = current_device_info(&device); !s.ok()) return s;
-  if (Status s = architecture_of(device, architecture); !s.ok()) return s;
+  if (Status s = check_compute_capability(device); !s.ok()) return s;
   options->vectorized = vectorizable(p, backward);
   // sm_90a code runs on compute capability 9.0 only; later GPUs take the sm80 kernels.
   options->sm90 = device.major == 9 && device.minor == 0;
@@ -239,7 +235,7 @@ bool sm90_eligible(int d, const AttentionParams& p, const LaunchOptions& options
   // limit is JAX_FLASH_CUDA_SMEM_LIMIT making this GPU stand in for an older one, whose
   // kernels are the sm80 ones.
   constexpr int kSm90SmemBytes = 227 * 1024;
-  // The Hopper forward's grid is one flat list of 128-row query blocks.
+  // The Hopper forward numbers its 128-row query tiles with int.
   constexpr int64_t kSm90BlockM = 128;
   const int64_t m_blocks = (p.seqlen_q + kSm90BlockM - 1) / kSm90BlockM;
   return options.sm90 && sm90_enabled() && options.max_smem_per_block >= kSm90SmemBytes &&
@@ -326,15 +322,10 @@ Status flash_forward(const AttentionParams& p_in, cudaStream_t stream) {
   int d = 0;
   if (Status s = validate(p, &d); !s.ok()) return s;
   if (p.batch == 0 || p.num_heads == 0 || p.seqlen_q == 0) return Status::Ok();
-  Architecture architecture;
   LaunchOptions options;
-  if (Status s = launch_options(p, /*backward=*/false, &architecture, &options); !s.ok()) return s;
-  switch (architecture) {
-    case Architecture::kSm80:
-      if (p.element_type == ElementType::kFloat16) return forward_main<__half>(d, p, options, stream);
-      return forward_main<__nv_bfloat16>(d, p, options, stream);
-  }
-  return Status::Unimplemented("jax_flash CUDA: no kernels for this GPU");
+  if (Status s = launch_options(p, /*backward=*/false, &options); !s.ok()) return s;
+  if (p.element_type == ElementType::kFloat16) return forward_main<__half>(d, p, options, stream);
+  return forward_main<__nv_bfloat16>(d, p, options, stream);
 }
 
 size_t kvcache_workspace_bytes(const AttentionParams& p) {
@@ -372,9 +363,8 @@ Status flash_kvcache_forward(const AttentionParams& p, const KvCacheWorkspace& w
     return Status::Unimplemented(
         "jax_flash CUDA: split-KV needs batch * num_heads * seqlen_q below 2^31 (use num_splits=1)");
   if (p.batch == 0 || p.num_heads == 0 || p.seqlen_q == 0) return Status::Ok();
-  Architecture architecture;
   LaunchOptions options;
-  if (Status s = launch_options(p, /*backward=*/false, &architecture, &options); !s.ok()) return s;
+  if (Status s = launch_options(p, /*backward=*/false, &options); !s.ok()) return s;
   auto launch = [&](auto element) {
     using Element = decltype(element);
     return with_head_dim_class(d, [&](auto head_dim_class) {
@@ -382,12 +372,8 @@ Status flash_kvcache_forward(const AttentionParams& p, const KvCacheWorkspace& w
                                                                            stream);
     });
   };
-  switch (architecture) {
-    case Architecture::kSm80:
-      if (p.element_type == ElementType::kFloat16) return launch(__half{});
-      return launch(__nv_bfloat16{});
-  }
-  return Status::Unimplemented("jax_flash CUDA: no kernels for this GPU");
+  if (p.element_type == ElementType::kFloat16) return launch(__half{});
+  return launch(__nv_bfloat16{});
 }
 
 size_t backward_workspace_bytes(const AttentionParams& p) {
@@ -407,16 +393,11 @@ Status flash_backward(const AttentionParams& p_in, const BackwardWorkspace& work
   int d = 0;
   if (Status s = validate(p, &d); !s.ok()) return s;
   if (p.batch == 0 || p.num_heads == 0) return Status::Ok();
-  Architecture architecture;
   LaunchOptions options;
-  if (Status s = launch_options(p, /*backward=*/true, &architecture, &options); !s.ok()) return s;
-  switch (architecture) {
-    case Architecture::kSm80:
-      if (p.element_type == ElementType::kFloat16)
-        return backward_all<__half>(d, p, workspace, options, stream);
-      return backward_all<__nv_bfloat16>(d, p, workspace, options, stream);
-  }
-  return Status::Unimplemented("jax_flash CUDA: no kernels for this GPU");
+  if (Status s = launch_options(p, /*backward=*/true, &options); !s.ok()) return s;
+  if (p.element_type == ElementType::kFloat16)
+    return backward_all<__half>(d, p, workspace, options, stream);
+  return backward_all<__nv_bfloat16>(d, p, workspace, options, stream);
 }
 
 }  // namespace jax_flash::cuda
