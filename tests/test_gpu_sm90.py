@@ -4,9 +4,9 @@ On compute capability 9.0, every forward and backward call with head_dim 64, 128
 (without segment ids or dropout) runs the wgmma kernels; this grid covers what they
 handle: odd lengths on both sides (partial query and key blocks, TMA zero fill), GQA,
 batch and head counts that are not powers of two (the forward's tiles are one flat list,
-taken by one CTA each or by a persistent grid), causal / window masks with softcap and
-ALiBi, and both dtypes, with gradients (through out and lse). Elsewhere every test here
-is skipped with the reason.
+taken in turn by a persistent grid), causal / window masks with softcap and ALiBi, and
+both dtypes, with gradients (through out and lse). Elsewhere every test here is skipped
+with the reason.
 """
 
 import os
