@@ -4,7 +4,7 @@ The FlashAttention benchmark grid: batch * seqlen = 16384 tokens, hidden 2048 (h
 2048 / head_dim), bf16. FLOPs: forward 4 * b * h * s^2 * d (halved when causal), forward +
 backward 3.5 times that. Each figure is the median over several batches of back-to-back
 jitted calls (at least 10 and about 30 ms per batch) after warm-up, on fresh random
-(never zero) inputs, with the tests' output poisoning off.
+(never zero) inputs and a random output gradient, with the tests' output poisoning off.
 
     python benchmarks/bench_attention.py --head-dims 64 128 256 --seqlens 512 1024 2048 4096 8192 16384 \
         --json results.json
@@ -102,26 +102,35 @@ def save_rows(path, rows):
             json.dump(rows, f, indent=1)
 
 
-def measure(name, attention, head_dim, seqlen, causal, mode):
+def measure(name, attention, head_dim, seqlen, causal, mode, cotangent="random"):
     batch, heads = TOKENS // seqlen, HIDDEN // head_dim
-    keys = jax.random.split(jax.random.key(seqlen * 7 + head_dim), 3)
-    q, k, v = (jax.random.normal(key, (batch, seqlen, heads, head_dim), jnp.bfloat16) for key in keys)
+    keys = jax.random.split(jax.random.key(seqlen * 7 + head_dim), 4)
+    q, k, v, dout = (jax.random.normal(key, (batch, seqlen, heads, head_dim), jnp.bfloat16)
+                     for key in keys)
     flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
+    args = (q, k, v)
     if mode == "fwd":
         fn = jax.jit(lambda q, k, v: attention(q, k, v, causal))
+    elif cotangent == "random":
+        # A random output gradient, as FlashAttention's own benchmark draws it: a constant
+        # one (the gradient of sum(out)) makes every row of dP alike.
+        flops *= 3.5
+        forward = lambda q, k, v: attention(q, k, v, causal)
+        fn = jax.jit(lambda q, k, v, dout: jax.vjp(forward, q, k, v)[1](dout))
+        args = (q, k, v, dout)
     else:
         flops *= 3.5
         loss = lambda q, k, v: jnp.sum(attention(q, k, v, causal).astype(jnp.float32))
         fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     try:
-        seconds = time_call(fn, (q, k, v))
+        seconds = time_call(fn, args)
     except Exception as error:  # out of memory, unsupported configuration
         return dict(impl=name, head_dim=head_dim, seqlen=seqlen, causal=causal, mode=mode,
                     error=str(error).splitlines()[0][:160])
     row = dict(impl=name, head_dim=head_dim, seqlen=seqlen, causal=causal, mode=mode,
                ms=seconds * 1e3, tflops=flops / seconds / 1e12)
     if seqlen == 16384:
-        memory = fn.lower(q, k, v).compile().memory_analysis()
+        memory = fn.lower(*args).compile().memory_analysis()
         row["temp_mib"] = memory.temp_size_in_bytes / 2**20
     return row
 
@@ -134,6 +143,8 @@ def main():
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
     parser.add_argument("--json", default=None)
     parser.add_argument("--causal", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--cotangent", choices=["random", "ones"], default="random",
+                        help="fwd_bwd's output gradient: random normal, or ones (grad of sum(out))")
     parser.add_argument("--tag", default="",
                         help="appended to our rows' names: which build or setting ran them")
     args = parser.parse_args()
@@ -147,7 +158,8 @@ def main():
                     line = [f"d={head_dim:3d} s={seqlen:5d} causal={int(causal)} {mode:7s}"]
                     for name in args.impls:
                         label = name + args.tag if name.startswith("jax_flash") else name
-                        row = measure(label, impls[name], head_dim, seqlen, causal, mode)
+                        row = measure(label, impls[name], head_dim, seqlen, causal, mode,
+                                      args.cotangent)
                         rows.append(row)
                         cell = f"{row['tflops']:6.1f}" if "tflops" in row else "  fail"
                         if "temp_mib" in row:
