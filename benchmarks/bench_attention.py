@@ -109,17 +109,17 @@ def measure(name, attention, head_dim, seqlen, causal, mode, cotangent="random")
                      for key in keys)
     flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
     args = (q, k, v)
+    if mode != "fwd":
+        flops *= 3.5
     if mode == "fwd":
         fn = jax.jit(lambda q, k, v: attention(q, k, v, causal))
     elif cotangent == "random":
         # A random output gradient, as FlashAttention's own benchmark draws it: a constant
         # one (the gradient of sum(out)) makes every row of dP alike.
-        flops *= 3.5
         forward = lambda q, k, v: attention(q, k, v, causal)
         fn = jax.jit(lambda q, k, v, dout: jax.vjp(forward, q, k, v)[1](dout))
         args = (q, k, v, dout)
     else:
-        flops *= 3.5
         loss = lambda q, k, v: jnp.sum(attention(q, k, v, causal).astype(jnp.float32))
         fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     try:
