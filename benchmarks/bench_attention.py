@@ -102,11 +102,18 @@ def save_rows(path, rows):
             json.dump(rows, f, indent=1)
 
 
-def measure(name, attention, head_dim, seqlen, causal, mode, cotangent="random"):
+def grid_inputs(head_dim, seqlen, seed):
+    """q, k, v and an output gradient of one grid point, normal bf16 (batch, seqlen, heads,
+    head_dim)."""
     batch, heads = TOKENS // seqlen, HIDDEN // head_dim
-    keys = jax.random.split(jax.random.key(seqlen * 7 + head_dim), 4)
-    q, k, v, dout = (jax.random.normal(key, (batch, seqlen, heads, head_dim), jnp.bfloat16)
-                     for key in keys)
+    keys = jax.random.split(jax.random.key(seed), 4)
+    return tuple(jax.random.normal(key, (batch, seqlen, heads, head_dim), jnp.bfloat16)
+                 for key in keys)
+
+
+def measure(name, attention, head_dim, seqlen, causal, mode, cotangent="random"):
+    q, k, v, dout = grid_inputs(head_dim, seqlen, seed=seqlen * 7 + head_dim)
+    batch, _, heads, _ = q.shape
     flops = 4 * batch * heads * seqlen * seqlen * head_dim * (0.5 if causal else 1.0)
     args = (q, k, v)
     if mode != "fwd":

@@ -31,5 +31,7 @@ for n, u, v in zip(names, units, values):
             print(f"{n:90s} {v:>14s} {u}")
 ' > "$OUT/ncu_raw_$tag.txt"
 grep -E "pipe_tensor.*pct|gmma.*pct" "$OUT/ncu_raw_$tag.txt" | head -8
-# Per-instruction samples, the largest stall columns first in a short digest.
+# Per-instruction samples, and a digest of where they stall (stall_digest.py).
 ncu --import "$report.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu_source_$tag.csv" 2>&1
+python3 "$ROOT/benchmarks/stall_digest.py" "$OUT/ncu_source_$tag.csv" > "$OUT/ncu_stalls_$tag.txt" \
+  && tail -1 "$OUT/ncu_stalls_$tag.txt"

@@ -7,15 +7,13 @@ seqlen, causal (0/1); batch * seqlen = 16384 tokens, hidden 2048, bf16, a random
 import sys
 
 import jax
-import jax.numpy as jnp
 
-from bench_attention import implementations
+from bench_attention import grid_inputs, implementations
 
 impl, head_dim, seqlen, causal = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), bool(int(sys.argv[4]))
-attention = lambda q, k, v: implementations()[impl](q, k, v, causal)
-batch, heads = 16384 // seqlen, 2048 // head_dim
-keys = jax.random.split(jax.random.key(0), 4)
-q, k, v, dout = (jax.random.normal(key, (batch, seqlen, heads, head_dim), jnp.bfloat16) for key in keys)
+implementation = implementations()[impl]
+attention = lambda q, k, v: implementation(q, k, v, causal)
+q, k, v, dout = grid_inputs(head_dim, seqlen, seed=0)
 grads = jax.jit(lambda q, k, v, dout: jax.vjp(attention, q, k, v)[1](dout))(q, k, v, dout)
 jax.block_until_ready(grads)
 print("profiled", impl, head_dim, seqlen, causal)
