@@ -74,10 +74,12 @@ def _round_up(nbytes, alignment=256):
 
 def _cuda_backward_workspace_bytes(q):
     """Mirrors cuda::backward_workspace_bytes (the handler checks the size it is given):
-    delta (batch, num_heads, seqlen_q) and the dQ accumulator, both float32."""
+    delta and lse * log2(e), each (batch, num_heads, seqlen_q rounded up to 4), and the dQ
+    accumulator (batch, num_heads, seqlen_q, head_dim), all float32."""
     batch, seqlen_q, num_heads, head_dim = q.shape
-    rows = batch * num_heads * seqlen_q
-    return _round_up(rows * 4) + _round_up(rows * head_dim * 4)
+    stats_stride = -(-seqlen_q // 4) * 4
+    return (2 * _round_up(batch * num_heads * stats_stride * 4)
+            + _round_up(batch * num_heads * seqlen_q * head_dim * 4))
 
 
 def backward(config: KernelConfig, q, k, v, out, dout, lse, dlse, alibi_slopes, q_segment_ids,

@@ -1,6 +1,6 @@
 // The memory-bound kernels around the main backward kernel, independent of head_dim:
-//   preprocess: delta = rowsum(dout * out) - dlse per query row, and dq_accum = 0 (zeroed
-//               here rather than by a separate memset pass);
+//   preprocess: delta = rowsum(dout * out) - dlse and lse_log2 = lse * log2(e) per query
+//               row, and dq_accum = 0 (zeroed here rather than by a separate memset pass);
 //   finish:     dq = dq_accum converted to the element type.
 // Each (batch, head, query) row belongs to a group of lanes of one warp, the smallest power
 // of two that covers head_dim in 16-byte pieces (8 lanes at head_dim 64, 32 from 256 on),
@@ -16,6 +16,7 @@
 #include "common/attention_params.h"
 #include "cuda/element.cuh"
 #include "cuda/launch.h"
+#include "cuda/scores.cuh"
 
 namespace jax_flash::cuda {
 namespace {
@@ -64,8 +65,9 @@ __device__ __forceinline__ void load8(const Element* src, float (&out)[8]) {
 // (the float32 accumulator rows are then 32-byte aligned).
 template <typename Element>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
-    backward_preprocess_kernel(const __grid_constant__ AttentionParams p, float* delta,
-                               float* dq_accum, int lanes, bool vectorized) {
+    backward_preprocess_kernel(const __grid_constant__ AttentionParams p,
+                               const __grid_constant__ BackwardWorkspace workspace, int lanes,
+                               bool vectorized) {
   using Traits = ElementTraits<Element>;
   const RowIndex at = group_row(p, lanes);
   float sum = 0.0f;
@@ -74,7 +76,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
                            at.head * p.out_strides.head;
     const Element* out = static_cast<const Element*>(p.out) + offset;
     const Element* dout = static_cast<const Element*>(p.dout) + offset;
-    float* dq_row = dq_accum + at.row * p.head_dim;
+    float* dq_row = workspace.dq_accum + at.row * p.head_dim;
     if (vectorized) {
       for (int64_t c = 8 * at.lane; c < p.head_dim; c += 8 * lanes) {
         float o[8], g[8];
@@ -96,7 +98,11 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   // Groups are aligned power-of-two lane ranges, so these shuffles stay inside the group.
   for (int offset_lanes = lanes / 2; offset_lanes > 0; offset_lanes /= 2)
     sum += __shfl_xor_sync(0xffffffffu, sum, offset_lanes);
-  if (at.valid && at.lane == 0) delta[at.row] = sum - p.dlse[at.row];
+  if (at.valid && at.lane == 0) {
+    const int64_t stats = workspace.stats_index(at.row / p.seqlen_q, at.query);
+    workspace.delta[stats] = sum - p.dlse[at.row];
+    workspace.lse_log2[stats] = p.lse[at.row] * kLog2e;
+  }
 }
 
 // `vectorized`: head_dim % 8 == 0 and every row of dq starts 16-byte aligned (the float32
@@ -137,7 +143,7 @@ Status launch_backward_preprocess(const AttentionParams& p, const BackwardWorksp
                                   bool vectorized, cudaStream_t stream) {
   const int lanes = lanes_per_row(p, vectorized);
   backward_preprocess_kernel<Element><<<row_grid(p, lanes), 32 * kWarpsPerBlock, 0, stream>>>(
-      p, workspace.delta, workspace.dq_accum, lanes, vectorized);
+      p, workspace, lanes, vectorized);
   return Status::FromCuda(cudaGetLastError(), "launching the backward preprocess kernel");
 }
 

@@ -129,12 +129,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   // lse (log2 units) and delta of this lane's rows g and g + 8; rows past the end get
   // lse = +inf, so that their P, and with it everything they add, is 0.
   float lse_log2[2], delta[2];
-  const int64_t stats_row = (batch * p.num_heads + head) * p.seqlen_q + row0 + warp_row0;
+  const int64_t stats = workspace.stats_index(batch * p.num_heads + head, row0 + warp_row0);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int row = warp_row0 + g + 8 * h;
-    lse_log2[h] = row < valid_rows ? p.lse[stats_row + g + 8 * h] * kLog2e : INFINITY;
-    delta[h] = row < valid_rows ? workspace.delta[stats_row + g + 8 * h] : 0.0f;
+    lse_log2[h] = row < valid_rows ? workspace.lse_log2[stats + g + 8 * h] : INFINITY;
+    delta[h] = row < valid_rows ? workspace.delta[stats + g + 8 * h] : 0.0f;
   }
   IdRange warp_row_ids{0, 0};
   if (has_segments)

@@ -119,8 +119,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   unsigned char* stages = reinterpret_cast<unsigned char*>(ds_smem + PTile::kElements);
   auto q_smem = [&](int s) { return reinterpret_cast<Element*>(stages + s * Config::kStageBytes); };
   auto do_smem = [&](int s) { return q_smem(s) + QTile::kElements; };
-  auto lse_smem = [&](int s) { return reinterpret_cast<float*>(do_smem(s) + QTile::kElements); };
-  auto delta_smem = [&](int s) { return lse_smem(s) + kBlockM; };
+  auto lse_log2_smem = [&](int s) {
+    return reinterpret_cast<float*>(do_smem(s) + QTile::kElements);
+  };
+  auto delta_smem = [&](int s) { return lse_log2_smem(s) + kBlockM; };
   auto q_ids_smem = [&](int s) { return reinterpret_cast<int32_t*>(delta_smem(s) + kBlockM); };
 
   const int thread = threadIdx.x, lane = thread & 31, warp = thread >> 5;
@@ -154,9 +156,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
                                        vectorized, thread);
     // Rows past seqlen_q get lse = delta = 0: their Q and dO rows are zero, so every
     // contribution they make below is exactly zero.
-    const int64_t row_offset = (batch * p.num_heads + head) * p.seqlen_q + query0;
-    load_row_vector<kBlockM, Config::kThreads>(lse_smem(s), p.lse + row_offset, rows, thread);
-    load_row_vector<kBlockM, Config::kThreads>(delta_smem(s), workspace.delta + row_offset, rows,
+    const int64_t stats = workspace.stats_index(batch * p.num_heads + head, query0);
+    load_row_vector<kBlockM, Config::kThreads>(lse_log2_smem(s), workspace.lse_log2 + stats, rows,
+                                               thread);
+    load_row_vector<kBlockM, Config::kThreads>(delta_smem(s), workspace.delta + stats, rows,
                                                thread);
     if (has_segments)
       load_row_vector<kBlockM, Config::kThreads>(q_ids_smem(s), q_ids() + query0, rows, thread);
@@ -227,7 +230,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int col = query0_a + 8 * j + 2 * t + e;
-        lse_log2[j][e] = lse_smem(s)[col] * kLog2e;
+        lse_log2[j][e] = lse_log2_smem(s)[col];
         delta[j][e] = delta_smem(s)[col];
       }
 

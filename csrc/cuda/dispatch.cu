@@ -307,8 +307,12 @@ size_t round_up(size_t bytes) {
   return (bytes + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
 }
 
-size_t delta_bytes(const AttentionParams& p) {
-  return round_up(static_cast<size_t>(p.batch * p.num_heads * p.seqlen_q) * sizeof(float));
+// Rows of the per-row statistics, in floats: whole 16-byte units (BackwardWorkspace).
+int64_t stats_stride(const AttentionParams& p) { return (p.seqlen_q + 3) / 4 * 4; }
+
+// One of the two statistics arrays (delta, lse_log2).
+size_t stats_bytes(const AttentionParams& p) {
+  return round_up(static_cast<size_t>(p.batch * p.num_heads * stats_stride(p)) * sizeof(float));
 }
 
 size_t dq_accum_bytes(const AttentionParams& p) {
@@ -377,13 +381,16 @@ Status flash_kvcache_forward(const AttentionParams& p, const KvCacheWorkspace& w
 }
 
 size_t backward_workspace_bytes(const AttentionParams& p) {
-  return delta_bytes(p) + round_up(dq_accum_bytes(p));
+  return 2 * stats_bytes(p) + round_up(dq_accum_bytes(p));
 }
 
 BackwardWorkspace backward_workspace(void* base, const AttentionParams& p) {
   BackwardWorkspace workspace;
-  workspace.delta = static_cast<float*>(base);
-  workspace.dq_accum = reinterpret_cast<float*>(static_cast<char*>(base) + delta_bytes(p));
+  char* bytes = static_cast<char*>(base);
+  workspace.delta = reinterpret_cast<float*>(bytes);
+  workspace.lse_log2 = reinterpret_cast<float*>(bytes + stats_bytes(p));
+  workspace.dq_accum = reinterpret_cast<float*>(bytes + 2 * stats_bytes(p));
+  workspace.stats_stride = stats_stride(p);
   return workspace;
 }
 

@@ -16,9 +16,19 @@ namespace jax_flash::cuda {
 Status flash_forward(const AttentionParams& p, cudaStream_t stream);
 
 // Device scratch the backward pass needs, carved out of one caller-provided allocation.
+// The per-row statistics have rows of stats_stride (seqlen_q rounded up to 4) floats, so
+// that every (batch, head) row starts 16-byte aligned, as the Hopper kernels' bulk tensor
+// copies of them require.
 struct BackwardWorkspace {
-  float* delta = nullptr;     // (batch, num_heads, seqlen_q): rowsum(dout * out) - dlse
+  float* delta = nullptr;     // (batch, num_heads, stats_stride): rowsum(dout * out) - dlse
+  float* lse_log2 = nullptr;  // (batch, num_heads, stats_stride): the forward's lse * log2(e)
   float* dq_accum = nullptr;  // (batch, num_heads, seqlen_q, head_dim): float32 dQ sums
+  int64_t stats_stride = 0;
+
+  // Index of (batch * num_heads + head, query) in delta and lse_log2.
+  JAX_FLASH_HOST_DEVICE int64_t stats_index(int64_t batch_head, int64_t query) const {
+    return batch_head * stats_stride + query;
+  }
 };
 
 // Bytes (and alignment) of the single allocation that backward_workspace() splits.

@@ -60,11 +60,11 @@ struct Sm90BackwardConfig {
   // 64 x 64 float32 tile, staged as two 32-column swizzled chunks.
   static constexpr bool kDqByQueries = kBlockM == 128;
   static constexpr int kDqBytes = 64 * 64 * 4;
-  // lse and delta of a step, per consumer warpgroup and step parity.
-  static constexpr int kVectorBytes = 2 * kBlockM * 4;
+  // lse_log2 and delta of a step, per stage (copied with its Q and dO).
+  static constexpr int kStatsBytes = 2 * kBlockM * 4;
   static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full; Q/dO full and empty
   static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kQBytes + 2 * kDsBytes +
-                                    kConsumers * kDqBytes + 2 * kConsumers * kVectorBytes +
+                                    kConsumers * kDqBytes + kStages * kStatsBytes +
                                     8 * kBarriers + 1024;
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;
@@ -87,15 +87,17 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const uint32_t raw = shared_address(smem_raw);
   const uint32_t smem = (raw + 1023u) & ~1023u;
   // K and V as kChunks column chunks of [kBlockN][64]; per stage Q then dO as chunks of
-  // [kBlockM][64]; two dSᵀ buffers; lse/delta vectors; barriers.
+  // [kBlockM][64]; two dSᵀ buffers; dQ staging; lse_log2 and delta per stage; barriers.
   const uint32_t k_smem = smem, v_smem = smem + Config::kKVBytes;
   auto q_smem = [&](int stage) { return smem + 2 * Config::kKVBytes + 2 * stage * Config::kQBytes; };
   auto do_smem = [&](int stage) { return q_smem(stage) + Config::kQBytes; };
   const uint32_t ds_base = smem + 2 * Config::kKVBytes + 2 * kStages * Config::kQBytes;
   auto ds_smem = [&](int buffer) { return ds_base + buffer * Config::kDsBytes; };
   const uint32_t dq_base = ds_base + 2 * Config::kDsBytes;
-  const uint32_t vectors = dq_base + Config::kConsumers * Config::kDqBytes;
-  const uint32_t barriers = vectors + 2 * Config::kConsumers * Config::kVectorBytes;
+  const uint32_t stats_base = dq_base + Config::kConsumers * Config::kDqBytes;
+  auto lse_smem = [&](int stage) { return stats_base + stage * Config::kStatsBytes; };
+  auto delta_smem = [&](int stage) { return lse_smem(stage) + kBlockM * 4; };
+  const uint32_t barriers = stats_base + kStages * Config::kStatsBytes;
   const uint32_t kv_full = barriers;
   auto full = [&](int stage) { return barriers + 8 * (1 + stage); };
   auto empty = [&](int stage) { return barriers + 8 * (1 + kStages + stage); };
@@ -130,11 +132,13 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         const int stage = step % kStages, use = step / kStages;
         const int head = steps.head(step), query0 = steps.query0(step);
         if (use > 0) sm90::mbarrier_wait(empty(stage), (use - 1) & 1);
-        sm90::mbarrier_arrive_expect_tx(full(stage), 2 * Config::kQBytes);
+        sm90::mbarrier_arrive_expect_tx(full(stage), 2 * Config::kQBytes + Config::kStatsBytes);
         sm90::tma_load_tile<kChunks, kBlockM>(q_smem(stage), &maps.q, full(stage), query0, head,
                                               batch);
         sm90::tma_load_tile<kChunks, kBlockM>(do_smem(stage), &maps.dout, full(stage), query0, head,
                                               batch);
+        load_step_stats(lse_smem(stage), &maps.lse_log2, full(stage), p, batch, head, query0);
+        load_step_stats(delta_smem(stage), &maps.delta, full(stage), p, batch, head, query0);
       }
     }
   } else {
@@ -146,9 +150,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     const int key_row0 = 64 * consumer;                     // within the CTA's key block
     const int warp_key0 = key_row0 + 16 * warp_in_group;  // this warp's 16 keys (rows)
     const KeyWindow window = KeyWindow::make(p);
-    // Generic pointers to this warpgroup's lse/delta buffers (two, by step parity).
-    float* vector_base = reinterpret_cast<float*>(smem_raw + (vectors - raw)) +
-                         consumer * 2 * (Config::kVectorBytes / 4);
+    auto generic = [&](uint32_t address) {
+      return reinterpret_cast<const float*>(smem_raw + (address - raw));
+    };
 
     float acc_dv[1][kDTiles][4], acc_dk[1][kDTiles][4];
     zero(acc_dv);
@@ -178,12 +182,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     for (int step = 0; step < num_steps; ++step) {
       const int stage = step % kStages, parity = step & 1;
       const int head = steps.head(step), query0 = steps.query0(step);
-
-      float* lse_log2 = vector_base + parity * 2 * kBlockM;
-      float* delta = lse_log2 + kBlockM;
-      load_step_vectors<kBlockM>(lse_log2, delta, p, workspace, batch, head, query0,
-                                  group_thread);
-      sm90::named_barrier_sync(2 + consumer, 128);
+      const float* lse_log2 = generic(lse_smem(stage));
+      const float* delta = generic(delta_smem(stage));
 
       sm90::mbarrier_wait(full(stage), (step / kStages) & 1);
       float acc_s[1][kQTiles][4], acc_dp[1][kQTiles][4];

@@ -43,6 +43,15 @@ Status launch_backward_sm90(const AttentionParams& p, const BackwardWorkspace& w
                                    kDqTileRows);
       !s.ok())
     return s;
+  const int64_t stats_rows = p.batch * p.num_heads;
+  if (Status s = encode_row_vectors_map(&maps.lse_log2, workspace.lse_log2, p.seqlen_q, stats_rows,
+                                        workspace.stats_stride, Config::kBlockM);
+      !s.ok())
+    return s;
+  if (Status s = encode_row_vectors_map(&maps.delta, workspace.delta, p.seqlen_q, stats_rows,
+                                        workspace.stats_stride, Config::kBlockM);
+      !s.ok())
+    return s;
   for (const auto& operand : operands)
     if (Status s = encode_tensor_map(operand.map, operand.base, p.element_type, p.head_dim,
                                      operand.seqlen, operand.heads, p.batch, operand.strides,

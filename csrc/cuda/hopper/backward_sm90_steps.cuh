@@ -1,4 +1,4 @@
-// Steps both Hopper backward kernels take the same way: their tensor maps and first copies,
+// Steps both Hopper backward kernels take the same way: their tensor maps and copies,
 // addresses in a 128-byte swizzled shared tile, the element step from Sᵀ and dPᵀ to Pᵀ and
 // dSᵀ, the dK/dV stores, and dQ's trip from a warpgroup's accumulators through shared
 // memory into the float32 accumulator in global memory (a TMA bulk reduction).
@@ -21,9 +21,11 @@ namespace jax_flash::cuda {
 // Q and dO seen as (head_dim, seqlen_q, heads, batch), boxes of 64 columns by kBlockM rows;
 // K and V as (head_dim, seqlen_k, heads_kv, batch), boxes of 64 columns by kBlockN rows.
 // dq is the float32 accumulator (batch, heads, seqlen_q, head_dim) as (head_dim, seqlen_q,
-// heads, batch), boxes of 32 columns by kBlockM rows, which the kernel adds into.
+// heads, batch), boxes of 32 columns by kBlockM rows, which the kernel adds into. lse_log2
+// and delta are the workspace's statistics as (seqlen_q, batch * heads), boxes of one step's
+// queries: the producer copies them beside Q and dO, so no consumer waits on a global load.
 struct Sm90BackwardMaps {
-  CUtensorMap q, dout, k, v, dq;
+  CUtensorMap q, dout, k, v, dq, lse_log2, delta;
 };
 
 // The producer's first copies: K and V of the CTA's key block, which stay for the whole
@@ -35,6 +37,8 @@ __device__ __forceinline__ void load_key_block(const Sm90BackwardMaps& maps, uin
                                                int head_kv, int batch) {
   sm90::prefetch_tensor_map(&maps.q);
   sm90::prefetch_tensor_map(&maps.dout);
+  sm90::prefetch_tensor_map(&maps.lse_log2);
+  sm90::prefetch_tensor_map(&maps.delta);
   sm90::mbarrier_arrive_expect_tx(kv_full, 2 * kChunks * kBlockN * 128);
   sm90::tma_load_tile<kChunks, kBlockN>(k_smem, &maps.k, kv_full, key0, head_kv, batch);
   sm90::tma_load_tile<kChunks, kBlockN>(v_smem, &maps.v, kv_full, key0, head_kv, batch);
@@ -47,24 +51,13 @@ __device__ __forceinline__ uint32_t swizzled_128b(uint32_t tile, int row, int by
   return tile + row * 128 + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
-// lse (in log2 units) and delta of kCount queries from query0 into shared vectors, by the
-// warpgroup's 128 threads. Rows past seqlen_q get 0: with their zero Q and dO rows (TMA's
-// fill) they contribute exactly zero.
-template <int kCount>
-__device__ __forceinline__ void load_step_vectors(float* lse_log2, float* delta,
-                                                  const AttentionParams& p,
-                                                  const BackwardWorkspace& workspace, int batch,
-                                                  int head, int query0, int group_thread) {
-  const int64_t row_offset = (batch * p.num_heads + head) * p.seqlen_q + query0;
-#pragma unroll
-  for (int index = group_thread; index < 2 * kCount; index += 128) {
-    const int i = index % kCount;
-    const bool valid = query0 + i < p.seqlen_q;
-    if (index < kCount)
-      lse_log2[i] = valid ? p.lse[row_offset + i] * kLog2e : 0.0f;
-    else
-      delta[i] = valid ? workspace.delta[row_offset + i] : 0.0f;
-  }
+// A step's statistics (lse_log2 or delta) of `count` queries from query0 of (batch, head),
+// copied to `dst` on `bar` (count * 4 bytes). Queries past seqlen_q arrive as zeros: with
+// their zero Q and dO rows (TMA's fill) they contribute exactly zero.
+__device__ __forceinline__ void load_step_stats(uint32_t dst, const CUtensorMap* map,
+                                                uint32_t bar, const AttentionParams& p, int batch,
+                                                int head, int query0) {
+  sm90::tma_load_2d(dst, map, bar, query0, batch * static_cast<int>(p.num_heads) + head);
 }
 
 // Rows of a dQ tile, and of the dq tensor map's box.

@@ -47,11 +47,11 @@ struct Sm90WideBackwardConfig {
   static constexpr int kQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kScoreBytes = kBlockN * kBlockM * 2;  // Pᵀ or dSᵀ, [key][query]
   static constexpr int kDqBytes = kBlockM * 64 * 4;          // one consumer's staging tile
-  static constexpr int kVectorBytes = 2 * kQueries * 4;      // lse and delta of its queries
-  static constexpr int kBarriers = 1 + 2 * kQStages + 2;     // K/V; Q full/empty; dO full/empty
+  static constexpr int kStatBytes = kBlockM * 4;  // lse_log2 per Q stage, delta with dO
+  static constexpr int kBarriers = 1 + 2 * kQStages + 2;  // K/V; Q full/empty; dO full/empty
   static constexpr int kSmemBytes = 2 * kKVBytes + (kQStages + 1) * kQBytes +
                                     2 * 2 * kScoreBytes + kConsumers * kDqBytes +
-                                    2 * kConsumers * kVectorBytes + 8 * kBarriers + 1024;
+                                    (kQStages + 1) * kStatBytes + 8 * kBarriers + 1024;
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;
   static_assert(kHeadDim == 256, "the column split is for head dim 256");
@@ -74,7 +74,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const uint32_t raw = shared_address(smem_raw);
   const uint32_t smem = (raw + 1023u) & ~1023u;
   // K and V as kChunks column chunks of [kBlockN][64]; Q stages then dO, each as chunks of
-  // [kBlockM][64]; Pᵀ and dSᵀ per step parity; dQ staging; lse/delta; barriers.
+  // [kBlockM][64]; Pᵀ and dSᵀ per step parity; dQ staging; lse_log2 per Q stage, then delta;
+  // barriers.
   const uint32_t k_smem = smem, v_smem = smem + Config::kKVBytes;
   auto q_smem = [&](int stage) { return smem + 2 * Config::kKVBytes + stage * Config::kQBytes; };
   const uint32_t do_smem = q_smem(kQStages);
@@ -82,8 +83,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   auto p_smem = [&](int parity) { return scores_base + 2 * parity * Config::kScoreBytes; };
   auto ds_smem = [&](int parity) { return p_smem(parity) + Config::kScoreBytes; };
   const uint32_t dq_base = scores_base + 4 * Config::kScoreBytes;
-  const uint32_t vectors = dq_base + Config::kConsumers * Config::kDqBytes;
-  const uint32_t barriers = vectors + 2 * Config::kConsumers * Config::kVectorBytes;
+  const uint32_t stats_base = dq_base + Config::kConsumers * Config::kDqBytes;
+  auto lse_smem = [&](int stage) { return stats_base + stage * Config::kStatBytes; };
+  const uint32_t delta_smem = lse_smem(kQStages);
+  const uint32_t barriers = delta_smem + Config::kStatBytes;
   const uint32_t kv_full = barriers;
   auto q_full = [&](int stage) { return barriers + 8 * (1 + stage); };
   auto q_empty = [&](int stage) { return barriers + 8 * (1 + kQStages + stage); };
@@ -122,12 +125,14 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         const int stage = step % kQStages, use = step / kQStages;
         const int head = steps.head(step), query0 = steps.query0(step);
         if (use > 0) sm90::mbarrier_wait(q_empty(stage), (use - 1) & 1);
-        sm90::mbarrier_arrive_expect_tx(q_full(stage), Config::kQBytes);
+        sm90::mbarrier_arrive_expect_tx(q_full(stage), Config::kQBytes + Config::kStatBytes);
         sm90::tma_load_tile<kChunks, kBlockM>(q_smem(stage), &maps.q, q_full(stage), query0, head,
                                               batch);
+        load_step_stats(lse_smem(stage), &maps.lse_log2, q_full(stage), p, batch, head, query0);
         if (step > 0) sm90::mbarrier_wait(do_empty, (step - 1) & 1);
-        sm90::mbarrier_arrive_expect_tx(do_full, Config::kQBytes);
+        sm90::mbarrier_arrive_expect_tx(do_full, Config::kQBytes + Config::kStatBytes);
         sm90::tma_load_tile<kChunks, kBlockM>(do_smem, &maps.dout, do_full, query0, head, batch);
+        load_step_stats(delta_smem, &maps.delta, do_full, p, batch, head, query0);
       }
     }
   } else {
@@ -139,8 +144,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     const int query_column0 = kQueries * consumer;  // this consumer's Sᵀ columns
     const int column0 = Config::kColumns * consumer;  // and dK/dV/dQ columns
     const KeyWindow window = KeyWindow::make(p);
-    float* vector_base = reinterpret_cast<float*>(smem_raw + (vectors - raw)) +
-                         consumer * 2 * (Config::kVectorBytes / 4);
+    // This consumer's queries' lse_log2 (per Q stage) and delta.
+    auto generic = [&](uint32_t address) {
+      return reinterpret_cast<const float*>(smem_raw + (address - raw)) + query_column0;
+    };
+    const float* delta = generic(delta_smem);
 
     float acc_dv[1][Config::kColumns / 8][4], acc_dk[1][Config::kColumns / 8][4];
     zero(acc_dv);
@@ -173,12 +181,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     for (int step = 0; step < num_steps; ++step) {
       const int stage = step % kQStages, parity = step & 1;
       const int head = steps.head(step), query0 = steps.query0(step);
-
-      float* lse_log2 = vector_base + parity * 2 * kQueries;
-      float* delta = lse_log2 + kQueries;
-      load_step_vectors<kQueries>(lse_log2, delta, p, workspace, batch, head,
-                                  query0 + query_column0, group_thread);
-      sm90::named_barrier_sync(2 + consumer, 128);
+      const float* lse_log2 = generic(lse_smem(stage));
 
       sm90::mbarrier_wait(q_full(stage), (step / kQStages) & 1);
       sm90::mbarrier_wait(do_full, step & 1);

@@ -57,6 +57,16 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       : "memory");
 }
 
+// The box at coordinates (c0, c1) of a 2-d tensor map into shared memory at `dst`.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, uint32_t bar,
+                                            int c0, int c1) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+      : "memory");
+}
+
 // A tile of kRows rows by kChunks * 64 two-byte columns from (row0, head, batch) of `map`,
 // stored as kChunks swizzled [kRows][64] chunks at `dst` (the boxes are 64 columns wide).
 template <int kChunks, int kRows>
