@@ -109,8 +109,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int key0 = key_block * kBlockN;
   const int valid_keys = min(kBlockN, seqlen_k - key0);
 
-  const IndexRange queries = visible_queries(p, key0, key0 + valid_keys);
-  const QuerySteps<kBlockM> steps = QuerySteps<kBlockM>::make(queries, head_kv, group_size);
+  const QuerySteps<kBlockM> steps =
+      sm90_query_steps<kBlockM>(p, key0, valid_keys, head_kv, group_size);
   const int num_steps = steps.count;
 
   if (thread == 0) {

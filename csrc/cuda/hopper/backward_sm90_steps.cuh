@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "common/attention_params.h"
+#include "cuda/backward_steps.cuh"
 #include "cuda/element.cuh"
 #include "cuda/flash_api.h"
 #include "cuda/fragments.cuh"
@@ -49,6 +50,20 @@ __device__ __forceinline__ void load_key_block(const Sm90BackwardMaps& maps, uin
 // within its group of 8.
 __device__ __forceinline__ uint32_t swizzled_128b(uint32_t tile, int row, int byte) {
   return tile + row * 128 + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
+}
+
+// The key block's steps. The first query is rounded down to a multiple of 4 so that every
+// step's statistics start 16-byte aligned, which their bulk tensor copy needs (an unaligned
+// start raised an illegal-instruction fault, device call 4 of 2026-12-06). The extra rows
+// see none of the block's keys: only a mask window moves the first visible query past 0,
+// and the window masks them.
+template <int kBlockM>
+__device__ __forceinline__ QuerySteps<kBlockM> sm90_query_steps(const AttentionParams& p,
+                                                                int key0, int valid_keys,
+                                                                int head_kv, int group_size) {
+  IndexRange queries = visible_queries(p, key0, key0 + valid_keys);
+  if (!queries.empty()) queries.begin &= ~int64_t{3};
+  return QuerySteps<kBlockM>::make(queries, head_kv, group_size);
 }
 
 // A step's statistics (lse_log2 or delta) of `count` queries from query0 of (batch, head),
