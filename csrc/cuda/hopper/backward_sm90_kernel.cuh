@@ -76,7 +76,6 @@ struct Sm90BackwardConfig {
 template <class Config, typename Element, bool kHasWindow>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     backward_kernel_sm90(const __grid_constant__ AttentionParams p,
-                         const __grid_constant__ BackwardWorkspace workspace,
                          const __grid_constant__ Sm90BackwardMaps maps) {
   constexpr int kBlockM = Config::kBlockM, kBlockN = Config::kBlockN, kStages = Config::kStages;
   constexpr int kHeadDim = Config::kHeadDim, kChunks = Config::kChunks;

@@ -72,7 +72,7 @@ Status launch_backward_sm90(const AttentionParams& p, const BackwardWorkspace& w
     return s;
   const dim3 grid(static_cast<unsigned>((p.seqlen_k + Config::kBlockN - 1) / Config::kBlockN),
                   static_cast<unsigned>(p.num_heads_kv), static_cast<unsigned>(p.batch));
-  kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(p, workspace, maps);
+  kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(p, maps);
   return Status::FromCuda(cudaGetLastError(), "launching the sm90 backward kernel");
 }
 

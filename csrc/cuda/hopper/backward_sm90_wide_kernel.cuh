@@ -62,7 +62,6 @@ struct Sm90WideBackwardConfig {
 template <class Config, typename Element, bool kHasWindow>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     backward_wide_kernel_sm90(const __grid_constant__ AttentionParams p,
-                              const __grid_constant__ BackwardWorkspace workspace,
                               const __grid_constant__ Sm90BackwardMaps maps) {
   constexpr int kBlockM = Config::kBlockM, kBlockN = Config::kBlockN;
   constexpr int kQStages = Config::kQStages, kChunks = Config::kChunks;
