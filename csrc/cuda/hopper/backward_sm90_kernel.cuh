@@ -217,22 +217,14 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
                            ds + (j / 8) * kBlockN * 128, warp_key0 + g + 8 * h,
                            ((8 * j + 2 * t) % 64) * 2)),
                        "r"(ds_frag[j / 2][2 * (j & 1) + h]));
-      sm90::fence_shared_for_async();
-      sm90::named_barrier_sync(1, 256);  // both halves of dSᵀ are written
-
+      // dV's product runs while the consumers meet; dQ's (which reads both halves of dSᵀ)
+      // and dK's follow, and dQ is staged while dK's runs, so the tensor cores see the
+      // three back to back.
       sm90::wgmma_fence();
       issue_accumulate(&acc_dv[0][0][0], p_frag, do_smem(stage));
-      issue_accumulate(&acc_dk[0][0][0], ds_frag, q_smem(stage));
       sm90::wgmma_commit();
-      // Waiting here, before dQ's product, frees Pᵀ and dSᵀ's registers for dQ's
-      // accumulators (kept alive across it, the three products spilled).
-      sm90::wgmma_wait<0>();
-      sm90::fence_registers<kHeadDim / 2>(&acc_dv[0][0][0]);
-      sm90::fence_registers<kHeadDim / 2>(&acc_dk[0][0][0]);
-      sm90::fence_registers<kBlockM / 4>(&p_frag[0][0]);
-      sm90::fence_registers<kBlockM / 4>(&ds_frag[0][0]);
-      __syncwarp();
-      if (lane == 0) sm90::mbarrier_arrive(empty(stage));  // Q and dO of this stage are free
+      sm90::fence_shared_for_async();
+      sm90::named_barrier_sync(1, 256);  // both halves of dSᵀ are written
       if (!p.deterministic) {
         // dQ = dS K for this consumer's 64 x 64 tile (Config::kDqByQueries): A is dSᵀ read
         // query-major (the consumer's chunk of queries, or the only one), B is K read
@@ -246,17 +238,30 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
             ds + (kByQueries ? consumer : 0) * kBlockN * 128, 8192, 1024));
         const uint64_t b0 = opaque(sm90::smem_descriptor(
             k_smem + (dq_column0 / 64) * kBlockN * 128, kBlockN * 128, 1024));
-        sm90::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk)
           wgmma_ss<64, kBF16, 1, 1>(&acc_dq[0][0][0], a0 + ((kk * 16 * 128) >> 4),
                                     b0 + ((kk * 16 * 128) >> 4), kk > 0);
         sm90::wgmma_commit();
-        sm90::wgmma_wait<0>();
+        issue_accumulate(&acc_dk[0][0][0], ds_frag, q_smem(stage));
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<1>();  // dV's and dQ's products are done
+        sm90::fence_registers<kHeadDim / 2>(&acc_dv[0][0][0]);
+        sm90::fence_registers<kBlockM / 4>(&p_frag[0][0]);
         sm90::fence_registers<32>(&acc_dq[0][0][0]);
         reduce_dq_tile(acc_dq, dq_base + consumer * Config::kDqBytes, &maps.dq, dq_column0,
                        dq_query0, head, batch, 2 + consumer, group_thread);
+      } else {
+        issue_accumulate(&acc_dk[0][0][0], ds_frag, q_smem(stage));
+        sm90::wgmma_commit();
       }
+      sm90::wgmma_wait<0>();
+      sm90::fence_registers<kHeadDim / 2>(&acc_dv[0][0][0]);
+      sm90::fence_registers<kHeadDim / 2>(&acc_dk[0][0][0]);
+      sm90::fence_registers<kBlockM / 4>(&p_frag[0][0]);
+      sm90::fence_registers<kBlockM / 4>(&ds_frag[0][0]);
+      __syncwarp();
+      if (lane == 0) sm90::mbarrier_arrive(empty(stage));  // Q and dO of this stage are free
     }
     // Shared memory must outlive the reductions reading it.
     if (group_thread == 0) sm90::bulk_wait<0>();
