@@ -12,9 +12,10 @@
 //   dV += Pᵀ dO and dK += dSᵀ Q with Pᵀ, dSᵀ straight from registers;
 //   dSᵀ also goes to shared memory, where both warpgroups' halves form the A operand of
 //   dQ = dS K; each warpgroup computes a 64 x 64 tile of it (64 of the 128 columns at head
-//   dim 128; 64 of the step's 128 queries at head dim 64), stages it in shared memory and
-//   has the copy engine add it into the float32 accumulator (a bulk reduction: per-element
-//   atomics from registers cost a quarter of the kernel's time).
+//   dim 128; 64 of the step's 128 queries at head dim 64) and stages it in shared memory,
+//   and the producer warpgroup's second warp has the copy engine add it into the float32
+//   accumulator (a bulk reduction: per-element atomics from registers cost a quarter of the
+//   kernel's time).
 #pragma once
 
 #include <cuda.h>
@@ -66,11 +67,17 @@ struct Sm90BackwardConfig {
   static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kQBytes + 2 * kDsBytes +
                                     kConsumers * kDqBytes + kStages * kStatsBytes +
                                     8 * kBarriers + 1024;
-  static constexpr int kProducerRegisters = 24;
-  static constexpr int kConsumerRegisters = 240;
+  // The producer warpgroup holds the reducer warp too (at 40 registers ptxas reports a 4-byte
+  // spill at head dim 128). 56 + 2 x 224 spills nothing but ran causal 8% slower (device
+  // call 3 of 2026-12-06), so the consumers keep 232. setmaxnreg
+  // moves registers within the pool the launch granted (168 per thread at 384 threads):
+  // asking for more than it holds waits forever (48 + 2 x 232 hung, 2026-12-06).
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = 232;
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims with a Hopper backward");
   static_assert(kBlockM == 64 * kConsumers / kChunks, "dQ: one 64 x 64 tile per consumer");
-  static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= 512, "register file");
+  static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= 168 * (1 + kConsumers),
+                "setmaxnreg's pool: 168 registers per thread at 384 threads");
 };
 
 template <class Config, typename Element, bool kHasWindow>
@@ -139,6 +146,14 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         load_step_stats(lse_smem(stage), &maps.lse_log2, full(stage), p, batch, head, query0);
         load_step_stats(delta_smem(stage), &maps.delta, full(stage), p, batch, head, query0);
       }
+    } else if (thread / 32 == 1 && !p.deterministic) {
+      constexpr bool kByQueries = Config::kDqByQueries;
+      reduce_dq_tiles<Config::kConsumers, Config::kDqBytes>(
+          num_steps, dq_base, &maps.dq, batch, thread & 31, [&](int step, int consumer) {
+            return make_int4(kByQueries ? 0 : 64 * consumer,
+                             steps.query0(step) + (kByQueries ? 64 * consumer : 0),
+                             steps.head(step), 0);
+          });
     }
   } else {
     // The consumers are the other branch of one if/else, as in the forward kernel.
@@ -231,7 +246,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         // column-major (its chunk of columns, or the only one), both transposed in the
         // descriptors; the contraction runs over all kBlockN keys.
         constexpr bool kByQueries = Config::kDqByQueries;
-        const int dq_query0 = query0 + (kByQueries ? 64 * consumer : 0);
         const int dq_column0 = kByQueries ? 0 : 64 * consumer;
         float acc_dq[1][8][4];
         const uint64_t a0 = opaque(sm90::smem_descriptor(
@@ -249,8 +263,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         sm90::fence_registers<kHeadDim / 2>(&acc_dv[0][0][0]);
         sm90::fence_registers<kBlockM / 4>(&p_frag[0][0]);
         sm90::fence_registers<32>(&acc_dq[0][0][0]);
-        reduce_dq_tile(acc_dq, dq_base + consumer * Config::kDqBytes, &maps.dq, dq_column0,
-                       dq_query0, head, batch, 2 + consumer, group_thread);
+        stage_dq_tile(acc_dq, dq_base + consumer * Config::kDqBytes, consumer, group_thread);
       } else {
         issue_accumulate(&acc_dk[0][0][0], ds_frag, q_smem(stage));
         sm90::wgmma_commit();
@@ -263,9 +276,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       __syncwarp();
       if (lane == 0) sm90::mbarrier_arrive(empty(stage));  // Q and dO of this stage are free
     }
-    // Shared memory must outlive the reductions reading it.
-    if (group_thread == 0) sm90::bulk_wait<0>();
-
     // dK and dV of this warp's keys, summed over the group; zero if no query sees them.
     store_dk_dv<Element>(acc_dk, acc_dv, p, batch, head_kv, key0 + warp_key0, 0,
                          valid_keys - warp_key0, lane);

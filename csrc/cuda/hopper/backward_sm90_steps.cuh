@@ -1,7 +1,8 @@
 // Steps both Hopper backward kernels take the same way: their tensor maps and copies,
 // addresses in a 128-byte swizzled shared tile, the element step from Sᵀ and dPᵀ to Pᵀ and
 // dSᵀ, the dK/dV stores, and dQ's trip from a warpgroup's accumulators through shared
-// memory into the float32 accumulator in global memory (a TMA bulk reduction).
+// memory into the float32 accumulator in global memory (a TMA bulk reduction issued by a
+// reducer warp).
 #pragma once
 
 #include <cuda.h>
@@ -78,20 +79,24 @@ __device__ __forceinline__ void load_step_stats(uint32_t dst, const CUtensorMap*
 // Rows of a dQ tile, and of the dq tensor map's box.
 constexpr int kDqTileRows = 64;
 
-// One warpgroup's 64 x 64 float32 dQ product (wgmma accumulator layout) added into dq_accum
-// at (query0, column0): written to the warpgroup's 16 KB staging tile as two 32-column
-// swizzled chunks (the tensor map's box), then reduced by one thread's bulk copies. The wait
-// for the previous reduction's read of the tile comes first; `barrier` is a named barrier of
-// this warpgroup's 128 threads.
-__device__ __forceinline__ void reduce_dq_tile(const float (&acc_dq)[1][8][4], uint32_t staging,
-                                               const CUtensorMap* dq_map, int column0, int query0,
-                                               int head, int batch, int barrier,
-                                               int group_thread) {
+// dQ's handoff from the consumer warpgroups to the reducer warp (warp 1 of the producer
+// warpgroup), so that no consumer waits while a reduction is issued or its staging tile read:
+// each consumer has one 16 KB staging tile and two named barriers, "full" (4 + consumer) and
+// "empty" (6 + consumer), each met by the consumer's 128 threads and the reducer's 32. The
+// consumers only arrive on "full"; the reducer only arrives on "empty".
+constexpr int kDqHandoffThreads = 128 + 32;
+__device__ __forceinline__ int dq_full_barrier(int consumer) { return 4 + consumer; }
+__device__ __forceinline__ int dq_empty_barrier(int consumer) { return 6 + consumer; }
+
+// A consumer's 64 x 64 float32 dQ product (wgmma accumulator layout) written to its staging
+// tile as two 32-column swizzled chunks (the tensor map's box), once the reducer has read the
+// previous tile, and handed to the reducer.
+__device__ __forceinline__ void stage_dq_tile(const float (&acc_dq)[1][8][4], uint32_t staging,
+                                              int consumer, int group_thread) {
   constexpr int kRows = kDqTileRows;
   const int warp_in_group = group_thread >> 5, g = (group_thread & 31) >> 2,
             t = group_thread & 3;
-  if (group_thread == 0) sm90::bulk_wait_read<0>();
-  sm90::named_barrier_sync(barrier, 128);
+  sm90::named_barrier_sync(dq_empty_barrier(consumer), kDqHandoffThreads);
 #pragma unroll
   for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -103,14 +108,45 @@ __device__ __forceinline__ void reduce_dq_tile(const float (&acc_dq)[1][8][4], u
                    "f"(acc_dq[0][j][2 * h + 1]));
     }
   sm90::fence_shared_for_async();
-  sm90::named_barrier_sync(barrier, 128);
-  if (group_thread == 0) {
+  sm90::named_barrier_arrive(dq_full_barrier(consumer), kDqHandoffThreads);
+}
+
+// The reducer warp's whole sweep: `tiles` handoffs from each of kConsumers consumers, taken in
+// the consumers' order (they meet once per step, so neither runs a tile ahead). Lane 0 adds
+// each staged tile into dq_accum at where(tile, consumer) = {column0, query0, head} by two
+// bulk reductions and waits until they have read the tile, then the warp frees it. The
+// last tile of each consumer is not freed: no consumer waits for it, and a barrier must not
+// be left half met.
+template <int kConsumers, int kStagingBytes, class Where>
+__device__ __forceinline__ void reduce_dq_tiles(int tiles, uint32_t staging_base,
+                                                const CUtensorMap* dq_map, int batch, int lane,
+                                                Where where) {
+  constexpr int kRows = kDqTileRows;
+  if (tiles == 0) return;
 #pragma unroll
-    for (int chunk = 0; chunk < 2; ++chunk)
-      sm90::tma_reduce_add_4d(dq_map, staging + chunk * kRows * 128, column0 + chunk * 32, query0,
-                              head, batch);
-    sm90::bulk_commit();
+  for (int consumer = 0; consumer < kConsumers; ++consumer)
+    sm90::named_barrier_arrive(dq_empty_barrier(consumer), kDqHandoffThreads);
+  for (int tile = 0; tile < tiles; ++tile) {
+#pragma unroll
+    for (int consumer = 0; consumer < kConsumers; ++consumer) {
+      sm90::named_barrier_sync(dq_full_barrier(consumer), kDqHandoffThreads);
+      if (lane == 0) {
+        const int4 at = where(tile, consumer);
+        const uint32_t staging = staging_base + consumer * kStagingBytes;
+#pragma unroll
+        for (int chunk = 0; chunk < 2; ++chunk)
+          sm90::tma_reduce_add_4d(dq_map, staging + chunk * kRows * 128, at.x + chunk * 32, at.y,
+                                  at.z, batch);
+        sm90::bulk_commit();
+        sm90::bulk_wait_read<0>();
+      }
+      __syncwarp();
+      if (tile + 1 < tiles)
+        sm90::named_barrier_arrive(dq_empty_barrier(consumer), kDqHandoffThreads);
+    }
   }
+  // The reductions must be complete before the kernel (and its shared memory) ends.
+  if (lane == 0) sm90::bulk_wait<0>();
 }
 
 // Pᵀ into acc_s and dSᵀ into acc_dp, in place, for one warp's wgmma accumulators of Sᵀ and

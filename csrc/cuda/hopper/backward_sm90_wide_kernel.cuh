@@ -7,8 +7,9 @@
 //   product done twice), then Pᵀ and dSᵀ in registers (scores.cuh's element step);
 //   both go to shared memory, where they are whole again for
 //   dV[:, c] += Pᵀ dO[:, c] and dK[:, c] += dSᵀ Q[:, c] (both operands from shared memory),
-//   dQ[:, c] = dS K[:, c] in two 64-column passes, each reduced into the float32
-//   accumulator by a TMA bulk reduction (backward_sm90_steps.cuh).
+//   dQ[:, c] = dS K[:, c] in two 64-column passes, each staged in shared memory and added
+//   into the float32 accumulator by the reducer warp's TMA bulk reduction
+//   (backward_sm90_steps.cuh).
 // Shared memory (227 KB at most) holds K, V, two stages of Q and one of dO: dO is freed
 // first (after dV's product), so its next load overlaps dK, dQ and the next Sᵀ.
 #pragma once
@@ -52,8 +53,12 @@ struct Sm90WideBackwardConfig {
   static constexpr int kSmemBytes = 2 * kKVBytes + (kQStages + 1) * kQBytes +
                                     2 * 2 * kScoreBytes + kConsumers * kDqBytes +
                                     (kQStages + 1) * kStatBytes + 8 * kBarriers + 1024;
-  static constexpr int kProducerRegisters = 24;
-  static constexpr int kConsumerRegisters = 240;
+  static constexpr int kDqPasses = kColumns / 64;  // dQ tiles per consumer and step
+  // As in Sm90BackwardConfig: the producer warpgroup holds the reducer warp too.
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = 232;
+  static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= 168 * (1 + kConsumers),
+                "setmaxnreg's pool: 168 registers per thread at 384 threads");
   static_assert(kHeadDim == 256, "the column split is for head dim 256");
   static_assert(kBlockM == 64 && kBlockN == 64, "Pᵀ and dSᵀ rows are one 128-byte swizzle span");
   static_assert(kSmemBytes <= 227 * 1024, "Hopper's shared memory per block");
@@ -133,6 +138,14 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         sm90::tma_load_tile<kChunks, kBlockM>(do_smem, &maps.dout, do_full, query0, head, batch);
         load_step_stats(delta_smem, &maps.delta, do_full, p, batch, head, query0);
       }
+    } else if (thread / 32 == 1 && !p.deterministic) {
+      constexpr int kPasses = Config::kDqPasses;
+      reduce_dq_tiles<Config::kConsumers, Config::kDqBytes>(
+          num_steps * kPasses, dq_base, &maps.dq, batch, thread & 31, [&](int tile, int consumer) {
+            const int step = tile / kPasses, pass = tile % kPasses;
+            return make_int4(Config::kColumns * consumer + 64 * pass, steps.query0(step),
+                             steps.head(step), 0);
+          });
     }
   } else {
     sm90::registers_increase<Config::kConsumerRegisters>();
@@ -233,7 +246,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         // dQ[:, chunk] = dS K[:, chunk] for this consumer's two 64-column chunks: A is dSᵀ
         // read query-major, B is K read column-major, both transposed in the descriptors.
         // Both products are issued at once, so the second runs while the first is staged.
-        constexpr int kPasses = Config::kColumns / 64;
+        constexpr int kPasses = Config::kDqPasses;
         float acc_dq[kPasses][1][8][4];
         const uint64_t a0 = opaque(sm90::smem_descriptor(ds_tile, 8192, 1024));
         sm90::wgmma_fence();
@@ -250,17 +263,12 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         static_assert(kPasses == 2, "one product in flight while the other is staged");
         sm90::wgmma_wait<1>();
         sm90::fence_registers<32>(&acc_dq[0][0][0][0]);
-        reduce_dq_tile(acc_dq[0], dq_base + consumer * Config::kDqBytes, &maps.dq, column0,
-                       query0, head, batch, 2 + consumer, group_thread);
+        stage_dq_tile(acc_dq[0], dq_base + consumer * Config::kDqBytes, consumer, group_thread);
         sm90::wgmma_wait<0>();
         sm90::fence_registers<32>(&acc_dq[1][0][0][0]);
-        reduce_dq_tile(acc_dq[1], dq_base + consumer * Config::kDqBytes, &maps.dq, column0 + 64,
-                       query0, head, batch, 2 + consumer, group_thread);
+        stage_dq_tile(acc_dq[1], dq_base + consumer * Config::kDqBytes, consumer, group_thread);
       }
     }
-    // Shared memory must outlive the reductions reading it.
-    if (group_thread == 0) sm90::bulk_wait<0>();
-
     // This consumer's columns of dK and dV for this warp's keys, summed over the group.
     store_dk_dv<Element>(acc_dk, acc_dv, p, batch, head_kv, key0 + warp_key0, column0,
                          valid_keys - warp_key0, lane);
