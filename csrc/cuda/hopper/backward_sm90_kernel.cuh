@@ -60,6 +60,13 @@ struct Sm90BackwardConfig {
   // or by queries (kBlockM = 128: each computes 64 queries of all 64 columns); either way a
   // 64 x 64 float32 tile, staged as two 32-column swizzled chunks.
   static constexpr bool kDqByQueries = kBlockM == 128;
+  // A consumer's dQ tile within the step: its first column and its first query (from query0).
+  static __device__ __forceinline__ int dq_column0(int consumer) {
+    return kDqByQueries ? 0 : 64 * consumer;
+  }
+  static __device__ __forceinline__ int dq_query_offset(int consumer) {
+    return kDqByQueries ? 64 * consumer : 0;
+  }
   static constexpr int kDqBytes = 64 * 64 * 4;
   // lse_log2 and delta of a step, per stage (copied with its Q and dO).
   static constexpr int kStatsBytes = 2 * kBlockM * 4;
@@ -67,17 +74,11 @@ struct Sm90BackwardConfig {
   static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kQBytes + 2 * kDsBytes +
                                     kConsumers * kDqBytes + kStages * kStatsBytes +
                                     8 * kBarriers + 1024;
-  // The producer warpgroup holds the reducer warp too (at 40 registers ptxas reports a 4-byte
-  // spill at head dim 128). 56 + 2 x 224 spills nothing but ran causal 8% slower (device
-  // call 3 of 2026-12-06), so the consumers keep 232. setmaxnreg
-  // moves registers within the pool the launch granted (168 per thread at 384 threads):
-  // asking for more than it holds waits forever (48 + 2 x 232 hung, 2026-12-06).
-  static constexpr int kProducerRegisters = 40;
-  static constexpr int kConsumerRegisters = 232;
+  static constexpr int kProducerRegisters = kSm90BackwardProducerRegisters;
+  static constexpr int kConsumerRegisters = kSm90BackwardConsumerRegisters;
+  static_assert(kThreads == 384, "the register split is for one producer and two consumers");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims with a Hopper backward");
   static_assert(kBlockM == 64 * kConsumers / kChunks, "dQ: one 64 x 64 tile per consumer");
-  static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= 168 * (1 + kConsumers),
-                "setmaxnreg's pool: 168 registers per thread at 384 threads");
 };
 
 template <class Config, typename Element, bool kHasWindow>
@@ -147,11 +148,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         load_step_stats(delta_smem(stage), &maps.delta, full(stage), p, batch, head, query0);
       }
     } else if (thread / 32 == 1 && !p.deterministic) {
-      constexpr bool kByQueries = Config::kDqByQueries;
       reduce_dq_tiles<Config::kConsumers, Config::kDqBytes>(
           num_steps, dq_base, &maps.dq, batch, thread & 31, [&](int step, int consumer) {
-            return make_int4(kByQueries ? 0 : 64 * consumer,
-                             steps.query0(step) + (kByQueries ? 64 * consumer : 0),
+            return make_int4(Config::dq_column0(consumer),
+                             steps.query0(step) + Config::dq_query_offset(consumer),
                              steps.head(step), 0);
           });
     }
@@ -245,13 +245,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         // query-major (the consumer's chunk of queries, or the only one), B is K read
         // column-major (its chunk of columns, or the only one), both transposed in the
         // descriptors; the contraction runs over all kBlockN keys.
-        constexpr bool kByQueries = Config::kDqByQueries;
-        const int dq_column0 = kByQueries ? 0 : 64 * consumer;
         float acc_dq[1][8][4];
         const uint64_t a0 = opaque(sm90::smem_descriptor(
-            ds + (kByQueries ? consumer : 0) * kBlockN * 128, 8192, 1024));
+            ds + (Config::dq_query_offset(consumer) / 64) * kBlockN * 128, 8192, 1024));
         const uint64_t b0 = opaque(sm90::smem_descriptor(
-            k_smem + (dq_column0 / 64) * kBlockN * 128, kBlockN * 128, 1024));
+            k_smem + (Config::dq_column0(consumer) / 64) * kBlockN * 128, kBlockN * 128, 1024));
 #pragma unroll
         for (int kk = 0; kk < kBlockN / 16; ++kk)
           wgmma_ss<64, kBF16, 1, 1>(&acc_dq[0][0][0], a0 + ((kk * 16 * 128) >> 4),

@@ -79,6 +79,17 @@ __device__ __forceinline__ void load_step_stats(uint32_t dst, const CUtensorMap*
 // Rows of a dQ tile, and of the dq tensor map's box.
 constexpr int kDqTileRows = 64;
 
+// Both backward kernels' register split (384 threads: the producer warpgroup, which holds the
+// reducer warp too, and two consumer warpgroups). At 40 registers ptxas reports a 4-byte
+// spill at head dim 128; 56 + 2 x 224 spills nothing but ran causal 8% slower (device call 3
+// of 2026-12-06). setmaxnreg moves registers within the pool the launch granted (168 per
+// thread at 384 threads): asking for more than it holds waits forever (48 + 2 x 232 hung,
+// 2026-12-06).
+constexpr int kSm90BackwardProducerRegisters = 40;
+constexpr int kSm90BackwardConsumerRegisters = 232;
+static_assert(kSm90BackwardProducerRegisters + 2 * kSm90BackwardConsumerRegisters <= 3 * 168,
+              "setmaxnreg's pool: 168 registers per thread at 384 threads");
+
 // dQ's handoff from the consumer warpgroups to the reducer warp (warp 1 of the producer
 // warpgroup), so that no consumer waits while a reduction is issued or its staging tile read:
 // each consumer has one 16 KB staging tile and two named barriers, "full" (4 + consumer) and

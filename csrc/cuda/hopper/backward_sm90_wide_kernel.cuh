@@ -54,11 +54,9 @@ struct Sm90WideBackwardConfig {
                                     2 * 2 * kScoreBytes + kConsumers * kDqBytes +
                                     (kQStages + 1) * kStatBytes + 8 * kBarriers + 1024;
   static constexpr int kDqPasses = kColumns / 64;  // dQ tiles per consumer and step
-  // As in Sm90BackwardConfig: the producer warpgroup holds the reducer warp too.
-  static constexpr int kProducerRegisters = 40;
-  static constexpr int kConsumerRegisters = 232;
-  static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= 168 * (1 + kConsumers),
-                "setmaxnreg's pool: 168 registers per thread at 384 threads");
+  static constexpr int kProducerRegisters = kSm90BackwardProducerRegisters;
+  static constexpr int kConsumerRegisters = kSm90BackwardConsumerRegisters;
+  static_assert(kThreads == 384, "the register split is for one producer and two consumers");
   static_assert(kHeadDim == 256, "the column split is for head dim 256");
   static_assert(kBlockM == 64 && kBlockN == 64, "Pᵀ and dSᵀ rows are one 128-byte swizzle span");
   static_assert(kSmemBytes <= 227 * 1024, "Hopper's shared memory per block");
