@@ -4,7 +4,7 @@ On compute capability 9.0, every forward and backward call with head_dim 64, 128
 (without segment ids or dropout) runs the wgmma kernels; this grid covers what they
 handle: odd lengths on both sides (partial query and key blocks, TMA zero fill), GQA,
 batch and head counts that are not powers of two (the forward's tiles are one flat list,
-taken in turn by a persistent grid), causal / window masks with softcap and ALiBi, and
+taken in turn by persistent grids), causal / window masks with softcap and ALiBi, and
 both dtypes, with gradients (through out and lse). Elsewhere every test here is skipped
 with the reason.
 """
@@ -67,23 +67,38 @@ def test_large(shape, head_dim, causal):
 
 
 @pytest.mark.skipif("JAX_FLASH_CUDA_PERSISTENT_CTAS" in os.environ, reason="already a capped run")
-def test_forward_on_few_persistent_ctas():
-    """The persistent forward on three CTAs (JAX_FLASH_CUDA_PERSISTENT_CTAS, read once per
-    process, so in a fresh one): each CTA takes many tiles in a row, fully masked ones,
-    partial ones and paired ones included, through one ring of K/V stages. The subprocess
-    must run its tests, not skip them."""
-    run_selection_in_fresh_process(__file__, "test_forward_tiles_shared",
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_on_few_persistent_ctas(direction):
+    """The persistent forward and backward on three CTAs (JAX_FLASH_CUDA_PERSISTENT_CTAS,
+    read once per process, so in a fresh one): each CTA takes many tiles in a row, fully
+    masked ones, partial ones and paired ones included, through one ring of stages (and, in
+    the backward, one run of dQ handoffs). The subprocess must run its tests, not skip
+    them."""
+    run_selection_in_fresh_process(__file__, f"{direction}_tiles_shared",
                                    JAX_FLASH_CUDA_PERSISTENT_CTAS="3",
                                    XLA_PYTHON_CLIENT_PREALLOCATE="false")
 
 
-@pytest.mark.skipif(os.environ.get("JAX_FLASH_CUDA_PERSISTENT_CTAS") != "3",
-                    reason="runs in the subprocess of test_forward_on_few_persistent_ctas")
+FEW_CTAS = pytest.mark.skipif(os.environ.get("JAX_FLASH_CUDA_PERSISTENT_CTAS") != "3",
+                              reason="runs in the subprocess of test_on_few_persistent_ctas")
+
+
+@FEW_CTAS
 @pytest.mark.parametrize("feature", ["none", "causal", "window_alibi"])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_tiles_shared(shape, head_dim, feature):
     check(shape + (head_dim,), feature, jnp.bfloat16, gradients=False)
+
+
+@FEW_CTAS
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+@pytest.mark.parametrize("feature", ["none", "causal", "window_alibi"])
+@pytest.mark.parametrize("head_dim", [64, 128])  # 256 runs one CTA per key block
+@pytest.mark.parametrize("shape", [(2, 1000, 17, 2, 2), (2, 129, 257, 6, 3), (1, 17, 1000, 4, 2),
+                                   (5, 200, 300, 4, 2)], ids=str)
+def test_backward_tiles_shared(shape, head_dim, feature, deterministic):
+    check(shape + (head_dim,), feature, jnp.bfloat16, gradients=True, deterministic=deterministic)
 
 
 def test_sm80_fallback_agrees(tmp_path):

@@ -22,7 +22,7 @@ struct LaunchOptions {
   int max_smem_per_block = 0;  // cudaDevAttrMaxSharedMemoryPerBlockOptin of the device
   bool sm90 = false;           // compute capability 9.0: the sm_90a kernels can run
   int num_sms = 0;             // multiprocessors: the persistent kernels' grid
-  int persistent_ctas = 0;     // test aid: > 0 caps the Hopper forward's persistent grid
+  int persistent_ctas = 0;     // test aid: > 0 caps the Hopper kernels' persistent grids
 };
 
 // Checks that a kernel's dynamic shared memory fits this GPU and raises the kernel's limit

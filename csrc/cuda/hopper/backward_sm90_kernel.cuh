@@ -1,12 +1,15 @@
 // FlashAttention backward for Hopper (sm_90a), main kernel at head dims 64 and 128 (256:
 // backward_sm90_wide_kernel.cuh): warp-specialized, wgmma + TMA. Same division of work as
-// the sm80 kernel (backward_kernel.cuh): one CTA per (key block, kv head, batch) keeps K
-// and V in shared memory and dK, dV in registers, sweeps every (query head of the GQA
-// group, query block) that sees its keys, and adds dQ into the float32 workspace (or leaves
-// dQ to the deterministic pass).
+// the sm80 kernel (backward_kernel.cuh) per key block: it keeps K and V in shared memory
+// and dK, dV in registers, sweeps every (query head of the GQA group, query block) that sees
+// its keys, and adds dQ into the float32 workspace (or leaves dQ to the deterministic pass).
+// The grid is persistent: one CTA per SM takes key blocks in turn (Sm90BackwardUnits), so
+// that its next block's first Q/dO copies run under the current block's last step and its
+// K/V copies under the dK/dV stores, instead of after a CTA launch.
 //
-// Warpgroup 0 is the producer: one thread copies K and V once, then Q and dO of each step
-// into a two-stage ring (TMA, mbarriers). Warpgroups 1 and 2 own 64 keys each; per step:
+// Warpgroup 0 is the producer: one thread copies K and V once per key block, and Q and dO of
+// each step into a two-stage ring that runs on across key blocks (TMA, mbarriers).
+// Warpgroups 1 and 2 own 64 keys each; per step:
 //   Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (wgmma, both operands from shared memory);
 //   Pᵀ and dSᵀ = Pᵀ (dPᵀ - delta) (softcap') scale in registers (scores.cuh's element step);
 //   dV += Pᵀ dO and dK += dSᵀ Q with Pᵀ, dSᵀ straight from registers;
@@ -70,7 +73,7 @@ struct Sm90BackwardConfig {
   static constexpr int kDqBytes = 64 * 64 * 4;
   // lse_log2 and delta of a step, per stage (copied with its Q and dO).
   static constexpr int kStatsBytes = 2 * kBlockM * 4;
-  static constexpr int kBarriers = 1 + 2 * kStages;  // K/V full; Q/dO full and empty
+  static constexpr int kBarriers = 2 + 2 * kStages;  // K/V full and empty; Q/dO full and empty
   static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kQBytes + 2 * kDsBytes +
                                     kConsumers * kDqBytes + kStages * kStatsBytes +
                                     8 * kBarriers + 1024;
@@ -105,26 +108,38 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   auto lse_smem = [&](int stage) { return stats_base + stage * Config::kStatsBytes; };
   auto delta_smem = [&](int stage) { return lse_smem(stage) + kBlockM * 4; };
   const uint32_t barriers = stats_base + kStages * Config::kStatsBytes;
-  const uint32_t kv_full = barriers;
-  auto full = [&](int stage) { return barriers + 8 * (1 + stage); };
-  auto empty = [&](int stage) { return barriers + 8 * (1 + kStages + stage); };
+  const uint32_t kv_full = barriers, kv_empty = barriers + 8;
+  auto full = [&](int stage) { return barriers + 8 * (2 + stage); };
+  auto empty = [&](int stage) { return barriers + 8 * (2 + kStages + stage); };
 
   const int thread = threadIdx.x;
-  const int key_block = blockIdx.x, head_kv = blockIdx.y, batch = blockIdx.z;
   const int seqlen_q = static_cast<int>(p.seqlen_q), seqlen_k = static_cast<int>(p.seqlen_k);
   const int group_size = static_cast<int>(p.num_heads / p.num_heads_kv);
-  const int key0 = key_block * kBlockN;
-  const int valid_keys = min(kBlockN, seqlen_k - key0);
-
-  const QuerySteps<kBlockM> steps =
-      sm90_query_steps<kBlockM>(p, key0, valid_keys, head_kv, group_size);
-  const int num_steps = steps.count;
+  using Units = Sm90BackwardUnits<kHasWindow>;
+  const Units units = Units::make(p, kBlockN);
+  const int own_tiles = units.own_tiles();
+  // A tile's keys and query steps, which every role derives alike.
+  struct Tile {
+    int head_kv, batch, key0, valid_keys;
+    QuerySteps<kBlockM> steps;
+  };
+  auto tile_at = [&](int own_tile, Tile& tile) {
+    const int3 at = units.tile(own_tile);
+    if (at.x < 0) return false;
+    tile.head_kv = at.y;
+    tile.batch = at.z;
+    tile.key0 = at.x * kBlockN;
+    tile.valid_keys = min(kBlockN, seqlen_k - tile.key0);
+    tile.steps = sm90_query_steps<kBlockM>(p, tile.key0, tile.valid_keys, at.y, group_size);
+    return true;
+  };
 
   if (thread == 0) {
     sm90::mbarrier_init(kv_full, 1);
+    sm90::mbarrier_init(kv_empty, 4 * Config::kConsumers);  // one per consumer warp
     for (int stage = 0; stage < kStages; ++stage) {
       sm90::mbarrier_init(full(stage), 1);
-      sm90::mbarrier_init(empty(stage), 4 * Config::kConsumers);  // one per consumer warp
+      sm90::mbarrier_init(empty(stage), 4 * Config::kConsumers);
     }
     sm90::fence_barrier_init();
   }
@@ -133,27 +148,65 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int warpgroup = thread / 128;
   if (warpgroup == 0) {
     sm90::registers_decrease<Config::kProducerRegisters>();
-    if (thread == 0 && num_steps > 0) {
-      load_key_block<kChunks, kBlockN>(maps, k_smem, v_smem, kv_full, key0, head_kv, batch);
-      for (int step = 0; step < num_steps; ++step) {
-        const int stage = step % kStages, use = step / kStages;
-        const int head = steps.head(step), query0 = steps.query0(step);
-        if (use > 0) sm90::mbarrier_wait(empty(stage), (use - 1) & 1);
-        sm90::mbarrier_arrive_expect_tx(full(stage), 2 * Config::kQBytes + Config::kStatsBytes);
-        sm90::tma_load_tile<kChunks, kBlockM>(q_smem(stage), &maps.q, full(stage), query0, head,
-                                              batch);
-        sm90::tma_load_tile<kChunks, kBlockM>(do_smem(stage), &maps.dout, full(stage), query0, head,
-                                              batch);
-        load_step_stats(lse_smem(stage), &maps.lse_log2, full(stage), p, batch, head, query0);
-        load_step_stats(delta_smem(stage), &maps.delta, full(stage), p, batch, head, query0);
+    if (thread == 0) {
+      prefetch_backward_maps(maps);
+      // Key blocks and steps loaded so far by this CTA: the phases of K/V's and the ring's
+      // barriers.
+      int kv_count = 0, step_count = 0;
+      for (int own_tile = 0; own_tile < own_tiles; ++own_tile) {
+        Tile tile;
+        if (!tile_at(own_tile, tile)) continue;
+        for (int step = 0; step < tile.steps.count; ++step, ++step_count) {
+          const int stage = step_count % kStages, use = step_count / kStages;
+          const int head = tile.steps.head(step), query0 = tile.steps.query0(step);
+          if (use > 0) sm90::mbarrier_wait(empty(stage), (use - 1) & 1);
+          sm90::mbarrier_arrive_expect_tx(full(stage), 2 * Config::kQBytes + Config::kStatsBytes);
+          sm90::tma_load_tile<kChunks, kBlockM>(q_smem(stage), &maps.q, full(stage), query0, head,
+                                                tile.batch);
+          sm90::tma_load_tile<kChunks, kBlockM>(do_smem(stage), &maps.dout, full(stage), query0,
+                                                head, tile.batch);
+          load_step_stats(lse_smem(stage), &maps.lse_log2, full(stage), p, tile.batch, head,
+                          query0);
+          load_step_stats(delta_smem(stage), &maps.delta, full(stage), p, tile.batch, head,
+                          query0);
+          if (step == 0) {
+            // The first step's Q and dO go first: their stage is free during the previous
+            // key block's last step, K and V only once that step's products are done.
+            if (kv_count > 0) sm90::mbarrier_wait(kv_empty, (kv_count - 1) & 1);
+            load_key_block<kChunks, kBlockN>(maps, k_smem, v_smem, kv_full, tile.key0,
+                                             tile.head_kv, tile.batch);
+            ++kv_count;
+          }
+        }
       }
     } else if (thread / 32 == 1 && !p.deterministic) {
-      reduce_dq_tiles<Config::kConsumers, Config::kDqBytes>(
-          num_steps, dq_base, &maps.dq, batch, thread & 31, [&](int step, int consumer) {
-            return make_int4(Config::dq_column0(consumer),
-                             steps.query0(step) + Config::dq_query_offset(consumer),
-                             steps.head(step), 0);
-          });
+      // One run of handoffs across the CTA's key blocks (the consumers' staging tiles carry
+      // over), so the total is counted first: the last handoff is not freed.
+      const int lane = thread & 31;
+      int handoffs = 0;
+      for (int own_tile = 0; own_tile < own_tiles; ++own_tile) {
+        Tile tile;
+        if (tile_at(own_tile, tile)) handoffs += tile.steps.count;
+      }
+      if (handoffs > 0) {
+        open_dq_staging<Config::kConsumers>();
+        int handoff = 0;
+        for (int own_tile = 0; own_tile < own_tiles; ++own_tile) {
+          Tile tile;
+          if (!tile_at(own_tile, tile)) continue;
+          for (int step = 0; step < tile.steps.count; ++step, ++handoff)
+#pragma unroll
+            for (int consumer = 0; consumer < Config::kConsumers; ++consumer)
+              reduce_dq_tile<Config::kDqBytes>(
+                  consumer, dq_base, &maps.dq,
+                  make_int4(Config::dq_column0(consumer),
+                            tile.steps.query0(step) + Config::dq_query_offset(consumer),
+                            tile.steps.head(step), 0),
+                  tile.batch, lane, handoff + 1 == handoffs);
+        }
+        // The reductions must be complete before the kernel (and its shared memory) ends.
+        if (lane == 0) sm90::bulk_wait<0>();
+      }
     }
   } else {
     // The consumers are the other branch of one if/else, as in the forward kernel.
@@ -167,10 +220,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     auto generic = [&](uint32_t address) {
       return reinterpret_cast<const float*>(smem_raw + (address - raw));
     };
-
-    float acc_dv[1][kDTiles][4], acc_dk[1][kDTiles][4];
-    zero(acc_dv);
-    zero(acc_dk);
 
     using sm90::opaque;
     // acc (keys x queries) = rows of `kv` (this warpgroup's keys) times the step's rows of `qd`.
@@ -192,91 +241,107 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         wgmma_rs<kHeadDim, kBF16>(acc, a[kk], b0 + ((kk * 16 * 128) >> 4), 1);
     };
 
-    if (num_steps > 0) sm90::mbarrier_wait(kv_full, 0);
-    for (int step = 0; step < num_steps; ++step) {
-      const int stage = step % kStages, parity = step & 1;
-      const int head = steps.head(step), query0 = steps.query0(step);
-      const float* lse_log2 = generic(lse_smem(stage));
-      const float* delta = generic(delta_smem(stage));
+    int kv_count = 0, step_count = 0;  // as the producer's
+    for (int own_tile = 0; own_tile < own_tiles; ++own_tile) {
+      Tile tile;
+      if (!tile_at(own_tile, tile)) continue;
+      const QuerySteps<kBlockM>& steps = tile.steps;
+      const int batch = tile.batch, key0 = tile.key0;
+      float acc_dv[1][kDTiles][4], acc_dk[1][kDTiles][4];
+      zero(acc_dv);
+      zero(acc_dk);
+      if (steps.count > 0) sm90::mbarrier_wait(kv_full, kv_count & 1);
+      for (int step = 0; step < steps.count; ++step, ++step_count) {
+        const int stage = step_count % kStages, parity = step_count & 1;
+        const int head = steps.head(step), query0 = steps.query0(step);
+        const float* lse_log2 = generic(lse_smem(stage));
+        const float* delta = generic(delta_smem(stage));
 
-      sm90::mbarrier_wait(full(stage), (step / kStages) & 1);
-      float acc_s[1][kQTiles][4], acc_dp[1][kQTiles][4];
-      sm90::wgmma_fence();
-      issue_keys_by_queries(&acc_s[0][0][0], k_smem, q_smem(stage));
-      issue_keys_by_queries(&acc_dp[0][0][0], v_smem, do_smem(stage));
-      sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      sm90::fence_registers<kBlockM / 2>(&acc_s[0][0][0]);
-      sm90::fence_registers<kBlockM / 2>(&acc_dp[0][0][0]);
+        sm90::mbarrier_wait(full(stage), (step_count / kStages) & 1);
+        float acc_s[1][kQTiles][4], acc_dp[1][kQTiles][4];
+        sm90::wgmma_fence();
+        issue_keys_by_queries(&acc_s[0][0][0], k_smem, q_smem(stage));
+        issue_keys_by_queries(&acc_dp[0][0][0], v_smem, do_smem(stage));
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<0>();
+        sm90::fence_registers<kBlockM / 2>(&acc_s[0][0][0]);
+        sm90::fence_registers<kBlockM / 2>(&acc_dp[0][0][0]);
 
-      // Pᵀ into acc_s and dSᵀ into acc_dp; most tiles take the short path with no index
-      // arithmetic (a uniform branch per step).
-      const ScoreTransform transform = ScoreTransform::make(p, batch, head);
-      const bool masked = window.tile_needs_mask<kHasWindow>(
-          query0, min(query0 + kBlockM, seqlen_q), key0, key0 + kBlockN);
-      probabilities_and_grads<kHasWindow>(acc_s, acc_dp, lse_log2, delta, transform, window, masked,
-                                          query0, key0 + warp_key0, lane);
-      uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];
+        // Pᵀ into acc_s and dSᵀ into acc_dp; most tiles take the short path with no index
+        // arithmetic (a uniform branch per step).
+        const ScoreTransform transform = ScoreTransform::make(p, batch, head);
+        const bool masked = window.tile_needs_mask<kHasWindow>(
+            query0, min(query0 + kBlockM, seqlen_q), key0, key0 + kBlockN);
+        probabilities_and_grads<kHasWindow>(acc_s, acc_dp, lse_log2, delta, transform, window,
+                                            masked, query0, key0 + warp_key0, lane);
+        uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];
 #pragma unroll
-      for (int kk = 0; kk < kBlockM / 16; ++kk) {
-        pack_a_fragment<Element>(acc_s[0], kk, p_frag[kk]);
-        pack_a_fragment<Element>(acc_dp[0], kk, ds_frag[kk]);
-      }
-      // dSᵀ to shared memory in the swizzled layout (row = key; chunks of 64 queries).
-      const uint32_t ds = ds_smem(parity);
+        for (int kk = 0; kk < kBlockM / 16; ++kk) {
+          pack_a_fragment<Element>(acc_s[0], kk, p_frag[kk]);
+          pack_a_fragment<Element>(acc_dp[0], kk, ds_frag[kk]);
+        }
+        // dSᵀ to shared memory in the swizzled layout (row = key; chunks of 64 queries).
+        const uint32_t ds = ds_smem(parity);
 #pragma unroll
-      for (int j = 0; j < kQTiles; ++j)
+        for (int j = 0; j < kQTiles; ++j)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(swizzled_128b(
-                           ds + (j / 8) * kBlockN * 128, warp_key0 + g + 8 * h,
-                           ((8 * j + 2 * t) % 64) * 2)),
-                       "r"(ds_frag[j / 2][2 * (j & 1) + h]));
-      // dV's product runs while the consumers meet; dQ's (which reads both halves of dSᵀ)
-      // and dK's follow, and dQ is staged while dK's runs, so the tensor cores see the
-      // three back to back.
-      sm90::wgmma_fence();
-      issue_accumulate(&acc_dv[0][0][0], p_frag, do_smem(stage));
-      sm90::wgmma_commit();
-      sm90::fence_shared_for_async();
-      sm90::named_barrier_sync(1, 256);  // both halves of dSᵀ are written
-      if (!p.deterministic) {
-        // dQ = dS K for this consumer's 64 x 64 tile (Config::kDqByQueries): A is dSᵀ read
-        // query-major (the consumer's chunk of queries, or the only one), B is K read
-        // column-major (its chunk of columns, or the only one), both transposed in the
-        // descriptors; the contraction runs over all kBlockN keys.
-        float acc_dq[1][8][4];
-        const uint64_t a0 = opaque(sm90::smem_descriptor(
-            ds + (Config::dq_query_offset(consumer) / 64) * kBlockN * 128, 8192, 1024));
-        const uint64_t b0 = opaque(sm90::smem_descriptor(
-            k_smem + (Config::dq_column0(consumer) / 64) * kBlockN * 128, kBlockN * 128, 1024));
-#pragma unroll
-        for (int kk = 0; kk < kBlockN / 16; ++kk)
-          wgmma_ss<64, kBF16, 1, 1>(&acc_dq[0][0][0], a0 + ((kk * 16 * 128) >> 4),
-                                    b0 + ((kk * 16 * 128) >> 4), kk > 0);
+          for (int h = 0; h < 2; ++h)
+            asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(swizzled_128b(
+                             ds + (j / 8) * kBlockN * 128, warp_key0 + g + 8 * h,
+                             ((8 * j + 2 * t) % 64) * 2)),
+                         "r"(ds_frag[j / 2][2 * (j & 1) + h]));
+        // dV's product runs while the consumers meet; dQ's (which reads both halves of dSᵀ)
+        // and dK's follow, and dQ is staged while dK's runs, so the tensor cores see the
+        // three back to back.
+        sm90::wgmma_fence();
+        issue_accumulate(&acc_dv[0][0][0], p_frag, do_smem(stage));
         sm90::wgmma_commit();
-        issue_accumulate(&acc_dk[0][0][0], ds_frag, q_smem(stage));
-        sm90::wgmma_commit();
-        sm90::wgmma_wait<1>();  // dV's and dQ's products are done
+        sm90::fence_shared_for_async();
+        sm90::named_barrier_sync(1, 256);  // both halves of dSᵀ are written
+        if (!p.deterministic) {
+          // dQ = dS K for this consumer's 64 x 64 tile (Config::kDqByQueries): A is dSᵀ read
+          // query-major (the consumer's chunk of queries, or the only one), B is K read
+          // column-major (its chunk of columns, or the only one), both transposed in the
+          // descriptors; the contraction runs over all kBlockN keys.
+          float acc_dq[1][8][4];
+          const uint64_t a0 = opaque(sm90::smem_descriptor(
+              ds + (Config::dq_query_offset(consumer) / 64) * kBlockN * 128, 8192, 1024));
+          const uint64_t b0 = opaque(sm90::smem_descriptor(
+              k_smem + (Config::dq_column0(consumer) / 64) * kBlockN * 128, kBlockN * 128, 1024));
+#pragma unroll
+          for (int kk = 0; kk < kBlockN / 16; ++kk)
+            wgmma_ss<64, kBF16, 1, 1>(&acc_dq[0][0][0], a0 + ((kk * 16 * 128) >> 4),
+                                      b0 + ((kk * 16 * 128) >> 4), kk > 0);
+          sm90::wgmma_commit();
+          issue_accumulate(&acc_dk[0][0][0], ds_frag, q_smem(stage));
+          sm90::wgmma_commit();
+          sm90::wgmma_wait<1>();  // dV's and dQ's products are done
+          sm90::fence_registers<kHeadDim / 2>(&acc_dv[0][0][0]);
+          sm90::fence_registers<kBlockM / 4>(&p_frag[0][0]);
+          sm90::fence_registers<32>(&acc_dq[0][0][0]);
+          stage_dq_tile(acc_dq, dq_base + consumer * Config::kDqBytes, consumer, group_thread);
+        } else {
+          issue_accumulate(&acc_dk[0][0][0], ds_frag, q_smem(stage));
+          sm90::wgmma_commit();
+        }
+        sm90::wgmma_wait<0>();
         sm90::fence_registers<kHeadDim / 2>(&acc_dv[0][0][0]);
+        sm90::fence_registers<kHeadDim / 2>(&acc_dk[0][0][0]);
         sm90::fence_registers<kBlockM / 4>(&p_frag[0][0]);
-        sm90::fence_registers<32>(&acc_dq[0][0][0]);
-        stage_dq_tile(acc_dq, dq_base + consumer * Config::kDqBytes, consumer, group_thread);
-      } else {
-        issue_accumulate(&acc_dk[0][0][0], ds_frag, q_smem(stage));
-        sm90::wgmma_commit();
+        sm90::fence_registers<kBlockM / 4>(&ds_frag[0][0]);
+        __syncwarp();
+        if (lane == 0) sm90::mbarrier_arrive(empty(stage));  // Q and dO of this stage are free
       }
-      sm90::wgmma_wait<0>();
-      sm90::fence_registers<kHeadDim / 2>(&acc_dv[0][0][0]);
-      sm90::fence_registers<kHeadDim / 2>(&acc_dk[0][0][0]);
-      sm90::fence_registers<kBlockM / 4>(&p_frag[0][0]);
-      sm90::fence_registers<kBlockM / 4>(&ds_frag[0][0]);
-      __syncwarp();
-      if (lane == 0) sm90::mbarrier_arrive(empty(stage));  // Q and dO of this stage are free
+      // The last step waited for all of this warp's products: K and V may be replaced while
+      // dK and dV are stored.
+      if (steps.count > 0) {
+        if (lane == 0) sm90::mbarrier_arrive(kv_empty);
+        ++kv_count;
+      }
+      // dK and dV of this warp's keys, summed over the group; zero if no query sees them.
+      store_dk_dv<Element>(acc_dk, acc_dv, p, batch, tile.head_kv, key0 + warp_key0, 0,
+                           tile.valid_keys - warp_key0, lane);
     }
-    // dK and dV of this warp's keys, summed over the group; zero if no query sees them.
-    store_dk_dv<Element>(acc_dk, acc_dv, p, batch, head_kv, key0 + warp_key0, 0,
-                         valid_keys - warp_key0, lane);
   }
 }
 

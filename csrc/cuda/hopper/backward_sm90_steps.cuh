@@ -30,21 +30,65 @@ struct Sm90BackwardMaps {
   CUtensorMap q, dout, k, v, dq, lse_log2, delta;
 };
 
-// The producer's first copies: K and V of the CTA's key block, which stay for the whole
-// sweep (kChunks chunks of kBlockN rows each, completing on kv_full), and the Q and dO tensor
-// maps into the descriptor cache.
+// The tensor maps the producer copies with, into the descriptor cache (once per CTA).
+__device__ __forceinline__ void prefetch_backward_maps(const Sm90BackwardMaps& maps) {
+  sm90::prefetch_tensor_map(&maps.q);
+  sm90::prefetch_tensor_map(&maps.dout);
+  sm90::prefetch_tensor_map(&maps.k);
+  sm90::prefetch_tensor_map(&maps.v);
+  sm90::prefetch_tensor_map(&maps.lse_log2);
+  sm90::prefetch_tensor_map(&maps.delta);
+}
+
+// K and V of a key block, which stay for its whole sweep (kChunks chunks of kBlockN rows
+// each, completing on kv_full).
 template <int kChunks, int kBlockN>
 __device__ __forceinline__ void load_key_block(const Sm90BackwardMaps& maps, uint32_t k_smem,
                                                uint32_t v_smem, uint32_t kv_full, int key0,
                                                int head_kv, int batch) {
-  sm90::prefetch_tensor_map(&maps.q);
-  sm90::prefetch_tensor_map(&maps.dout);
-  sm90::prefetch_tensor_map(&maps.lse_log2);
-  sm90::prefetch_tensor_map(&maps.delta);
   sm90::mbarrier_arrive_expect_tx(kv_full, 2 * kChunks * kBlockN * 128);
   sm90::tma_load_tile<kChunks, kBlockN>(k_smem, &maps.k, kv_full, key0, head_kv, batch);
   sm90::tma_load_tile<kChunks, kBlockN>(v_smem, &maps.v, kv_full, key0, head_kv, batch);
 }
+
+// The persistent backward's work. A tile is one key block of one (batch, kv head). A unit
+// is one tile or, paired (where a mask window makes key blocks' work differ), two tiles of
+// one (batch, kv head): the i-th key block from the start and the i-th from the end, whose
+// work under a causal mask adds up to the same in every unit. CTA c takes units c,
+// c + gridDim.x, ...: equal units keep the CTAs balanced, and neighbouring units share a
+// (batch, kv head), so the CTAs running at once read the same Q and dO and add into the
+// same dQ rows in L2.
+template <bool kPaired>
+struct Sm90BackwardUnits {
+  static constexpr int kTilesPerUnit = kPaired ? 2 : 1;
+  int key_blocks, units_per_head, num_heads_kv;
+  int64_t count;
+
+  __host__ __device__ static Sm90BackwardUnits make(const AttentionParams& p, int block_n) {
+    Sm90BackwardUnits units;
+    units.key_blocks = static_cast<int>((p.seqlen_k + block_n - 1) / block_n);
+    units.units_per_head = (units.key_blocks + kTilesPerUnit - 1) / kTilesPerUnit;
+    units.num_heads_kv = static_cast<int>(p.num_heads_kv);
+    units.count = int64_t{units.units_per_head} * p.num_heads_kv * p.batch;
+    return units;
+  }
+  // This CTA's tiles: kTilesPerUnit per unit (a paired unit's second may not exist).
+  __device__ __forceinline__ int own_tiles() const {
+    const int ctas = static_cast<int>(gridDim.x), cta = static_cast<int>(blockIdx.x);
+    return kTilesPerUnit * ((static_cast<int>(count) - cta + ctas - 1) / ctas);
+  }
+  // {key block, kv head, batch} of this CTA's own_tile-th tile; key block -1 for the missing
+  // second tile of an odd count's middle unit.
+  __device__ __forceinline__ int3 tile(int own_tile) const {
+    const bool second = kPaired && own_tile % 2 == 1;
+    const int unit = static_cast<int>(blockIdx.x) +
+                     (kPaired ? own_tile / 2 : own_tile) * static_cast<int>(gridDim.x);
+    const int within = unit % units_per_head, pair = unit / units_per_head;
+    const int key_block = second ? key_blocks - 1 - within : within;
+    return make_int3(second && key_block == within ? -1 : key_block, pair % num_heads_kv,
+                     pair / num_heads_kv);
+  }
+};
 
 // The shared address of byte `byte` of row `row` in a tile of 128-byte rows stored with the
 // 128-byte swizzle (TMA's and wgmma's layout): 16-byte units XORed with the row's index
@@ -122,41 +166,52 @@ __device__ __forceinline__ void stage_dq_tile(const float (&acc_dq)[1][8][4], ui
   sm90::named_barrier_arrive(dq_full_barrier(consumer), kDqHandoffThreads);
 }
 
-// The reducer warp's whole sweep: `tiles` handoffs from each of kConsumers consumers, taken in
-// the consumers' order (they meet once per step, so neither runs a tile ahead). Lane 0 adds
-// each staged tile into dq_accum at where(tile, consumer) = {column0, query0, head} by two
-// bulk reductions and waits until they have read the tile, then the warp frees it. The
-// last tile of each consumer is not freed: no consumer waits for it, and a barrier must not
-// be left half met.
+// The reducer warp's side of the handoff. Before its first handoff every consumer's staging
+// tile is free.
+template <int kConsumers>
+__device__ __forceinline__ void open_dq_staging() {
+#pragma unroll
+  for (int consumer = 0; consumer < kConsumers; ++consumer)
+    sm90::named_barrier_arrive(dq_empty_barrier(consumer), kDqHandoffThreads);
+}
+
+// One handoff from `consumer`: once its tile is staged, lane 0 adds it into dq_accum at
+// at = {column0, query0, head} by two bulk reductions and waits until they have read it,
+// then the warp frees the tile, unless it is the consumer's last (no consumer waits for
+// that one, and a barrier must not be left half met). Consumers' handoffs are taken in the
+// consumers' order: they meet once per step, so neither runs a tile ahead.
+template <int kStagingBytes>
+__device__ __forceinline__ void reduce_dq_tile(int consumer, uint32_t staging_base,
+                                               const CUtensorMap* dq_map, int4 at, int batch,
+                                               int lane, bool last) {
+  constexpr int kRows = kDqTileRows;
+  sm90::named_barrier_sync(dq_full_barrier(consumer), kDqHandoffThreads);
+  if (lane == 0) {
+    const uint32_t staging = staging_base + consumer * kStagingBytes;
+#pragma unroll
+    for (int chunk = 0; chunk < 2; ++chunk)
+      sm90::tma_reduce_add_4d(dq_map, staging + chunk * kRows * 128, at.x + chunk * 32, at.y,
+                              at.z, batch);
+    sm90::bulk_commit();
+    sm90::bulk_wait_read<0>();
+  }
+  __syncwarp();
+  if (!last) sm90::named_barrier_arrive(dq_empty_barrier(consumer), kDqHandoffThreads);
+}
+
+// A whole sweep of `tiles` handoffs from each consumer, the tile-th at where(tile, consumer).
+// The reductions must be complete before the kernel (and its shared memory) ends.
 template <int kConsumers, int kStagingBytes, class Where>
 __device__ __forceinline__ void reduce_dq_tiles(int tiles, uint32_t staging_base,
                                                 const CUtensorMap* dq_map, int batch, int lane,
                                                 Where where) {
-  constexpr int kRows = kDqTileRows;
   if (tiles == 0) return;
+  open_dq_staging<kConsumers>();
+  for (int tile = 0; tile < tiles; ++tile)
 #pragma unroll
-  for (int consumer = 0; consumer < kConsumers; ++consumer)
-    sm90::named_barrier_arrive(dq_empty_barrier(consumer), kDqHandoffThreads);
-  for (int tile = 0; tile < tiles; ++tile) {
-#pragma unroll
-    for (int consumer = 0; consumer < kConsumers; ++consumer) {
-      sm90::named_barrier_sync(dq_full_barrier(consumer), kDqHandoffThreads);
-      if (lane == 0) {
-        const int4 at = where(tile, consumer);
-        const uint32_t staging = staging_base + consumer * kStagingBytes;
-#pragma unroll
-        for (int chunk = 0; chunk < 2; ++chunk)
-          sm90::tma_reduce_add_4d(dq_map, staging + chunk * kRows * 128, at.x + chunk * 32, at.y,
-                                  at.z, batch);
-        sm90::bulk_commit();
-        sm90::bulk_wait_read<0>();
-      }
-      __syncwarp();
-      if (tile + 1 < tiles)
-        sm90::named_barrier_arrive(dq_empty_barrier(consumer), kDqHandoffThreads);
-    }
-  }
-  // The reductions must be complete before the kernel (and its shared memory) ends.
+    for (int consumer = 0; consumer < kConsumers; ++consumer)
+      reduce_dq_tile<kStagingBytes>(consumer, staging_base, dq_map, where(tile, consumer), batch,
+                                    lane, tile + 1 == tiles);
   if (lane == 0) sm90::bulk_wait<0>();
 }
 

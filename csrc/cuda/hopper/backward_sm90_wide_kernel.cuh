@@ -122,6 +122,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   if (warpgroup == 0) {
     sm90::registers_decrease<Config::kProducerRegisters>();
     if (thread == 0 && num_steps > 0) {
+      prefetch_backward_maps(maps);
       load_key_block<kChunks, kBlockN>(maps, k_smem, v_smem, kv_full, key0, head_kv, batch);
       for (int step = 0; step < num_steps; ++step) {
         const int stage = step % kQStages, use = step / kQStages;
