@@ -94,7 +94,7 @@ def test_forward_tiles_shared(shape, head_dim, feature):
 @FEW_CTAS
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
 @pytest.mark.parametrize("feature", ["none", "causal", "window_alibi"])
-@pytest.mark.parametrize("head_dim", [64, 128])  # 256 runs one CTA per key block
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("shape", [(2, 1000, 17, 2, 2), (2, 129, 257, 6, 3), (1, 17, 1000, 4, 2),
                                    (5, 200, 300, 4, 2)], ids=str)
 def test_backward_tiles_shared(shape, head_dim, feature, deterministic):

@@ -185,9 +185,9 @@ Status launch_options(const AttentionParams& p, bool backward, LaunchOptions* op
     return value != nullptr ? std::atoi(value) : 0;
   }();
   if (limit > 0) options->max_smem_per_block = std::min(options->max_smem_per_block, limit);
-  // Test aid: JAX_FLASH_CUDA_PERSISTENT_CTAS=<n> runs the Hopper forward and the Hopper
-  // backward at head dims 64 and 128 on at most n CTAs (normally one per SM), so that few
-  // CTAs take many tiles of every kind (fully masked ones included) even on small inputs.
+  // Test aid: JAX_FLASH_CUDA_PERSISTENT_CTAS=<n> runs the Hopper forward and backward on at
+  // most n CTAs (normally one per SM), so that few CTAs take many tiles of every kind (fully
+  // masked ones included) even on small inputs.
   static const int persistent_ctas = [] {
     const char* value = std::getenv("JAX_FLASH_CUDA_PERSISTENT_CTAS");
     return value != nullptr ? std::atoi(value) : 0;

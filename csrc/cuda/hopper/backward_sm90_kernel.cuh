@@ -113,26 +113,11 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   auto empty = [&](int stage) { return barriers + 8 * (2 + kStages + stage); };
 
   const int thread = threadIdx.x;
-  const int seqlen_q = static_cast<int>(p.seqlen_q), seqlen_k = static_cast<int>(p.seqlen_k);
-  const int group_size = static_cast<int>(p.num_heads / p.num_heads_kv);
-  using Units = Sm90BackwardUnits<kHasWindow>;
-  const Units units = Units::make(p, kBlockN);
+  const int seqlen_q = static_cast<int>(p.seqlen_q);
+  const Sm90BackwardUnits<kHasWindow> units =
+      Sm90BackwardUnits<kHasWindow>::make(p, kBlockN);
   const int own_tiles = units.own_tiles();
-  // A tile's keys and query steps, which every role derives alike.
-  struct Tile {
-    int head_kv, batch, key0, valid_keys;
-    QuerySteps<kBlockM> steps;
-  };
-  auto tile_at = [&](int own_tile, Tile& tile) {
-    const int3 at = units.tile(own_tile);
-    if (at.x < 0) return false;
-    tile.head_kv = at.y;
-    tile.batch = at.z;
-    tile.key0 = at.x * kBlockN;
-    tile.valid_keys = min(kBlockN, seqlen_k - tile.key0);
-    tile.steps = sm90_query_steps<kBlockM>(p, tile.key0, tile.valid_keys, at.y, group_size);
-    return true;
-  };
+  using Tile = Sm90BackwardTile<kBlockM>;
 
   if (thread == 0) {
     sm90::mbarrier_init(kv_full, 1);
@@ -155,7 +140,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       int kv_count = 0, step_count = 0;
       for (int own_tile = 0; own_tile < own_tiles; ++own_tile) {
         Tile tile;
-        if (!tile_at(own_tile, tile)) continue;
+        if (!units.tile(p, own_tile, tile)) continue;
         for (int step = 0; step < tile.steps.count; ++step, ++step_count) {
           const int stage = step_count % kStages, use = step_count / kStages;
           const int head = tile.steps.head(step), query0 = tile.steps.query0(step);
@@ -180,33 +165,13 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         }
       }
     } else if (thread / 32 == 1 && !p.deterministic) {
-      // One run of handoffs across the CTA's key blocks (the consumers' staging tiles carry
-      // over), so the total is counted first: the last handoff is not freed.
-      const int lane = thread & 31;
-      int handoffs = 0;
-      for (int own_tile = 0; own_tile < own_tiles; ++own_tile) {
-        Tile tile;
-        if (tile_at(own_tile, tile)) handoffs += tile.steps.count;
-      }
-      if (handoffs > 0) {
-        open_dq_staging<Config::kConsumers>();
-        int handoff = 0;
-        for (int own_tile = 0; own_tile < own_tiles; ++own_tile) {
-          Tile tile;
-          if (!tile_at(own_tile, tile)) continue;
-          for (int step = 0; step < tile.steps.count; ++step, ++handoff)
-#pragma unroll
-            for (int consumer = 0; consumer < Config::kConsumers; ++consumer)
-              reduce_dq_tile<Config::kDqBytes>(
-                  consumer, dq_base, &maps.dq,
-                  make_int4(Config::dq_column0(consumer),
-                            tile.steps.query0(step) + Config::dq_query_offset(consumer),
-                            tile.steps.head(step), 0),
-                  tile.batch, lane, handoff + 1 == handoffs);
-        }
-        // The reductions must be complete before the kernel (and its shared memory) ends.
-        if (lane == 0) sm90::bulk_wait<0>();
-      }
+      reduce_dq_sweep<Config::kConsumers, 1, Config::kDqBytes, kBlockM>(
+          units, p, dq_base, &maps.dq, thread & 31,
+          [&](const Tile& tile, int step, int, int consumer) {
+            return make_int4(Config::dq_column0(consumer),
+                             tile.steps.query0(step) + Config::dq_query_offset(consumer),
+                             tile.steps.head(step), 0);
+          });
     }
   } else {
     // The consumers are the other branch of one if/else, as in the forward kernel.
@@ -244,7 +209,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     int kv_count = 0, step_count = 0;  // as the producer's
     for (int own_tile = 0; own_tile < own_tiles; ++own_tile) {
       Tile tile;
-      if (!tile_at(own_tile, tile)) continue;
+      if (!units.tile(p, own_tile, tile)) continue;
       const QuerySteps<kBlockM>& steps = tile.steps;
       const int batch = tile.batch, key0 = tile.key0;
       float acc_dv[1][kDTiles][4], acc_dk[1][kDTiles][4];

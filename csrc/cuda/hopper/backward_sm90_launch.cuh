@@ -1,6 +1,6 @@
 // Host-side launch of the Hopper backward's main kernel (head dims 64 and 128 split keys
-// between the consumers on a persistent grid, 256 splits columns with one CTA per key block:
-// backward_sm90_wide_kernel.cuh): tensor maps, shared-memory limit, grid. Included by the
+// between the consumers, 256 splits columns: backward_sm90_wide_kernel.cuh; both on a
+// persistent grid): tensor maps, shared-memory limit, grid. Included by the
 // sm90 backward instantiation files only; dispatch.cu has checked the call suits it
 // (sm90_eligible) and runs the preprocessing and dQ conversion (or the deterministic dQ
 // pass) around it.
@@ -74,21 +74,15 @@ Status launch_backward_sm90(const AttentionParams& p, const BackwardWorkspace& w
                                      "head_dim " + std::to_string(kHeadDimClass) + " sm90 backward");
       !s.ok())
     return s;
-  if constexpr (kWide) {
-    const dim3 grid(static_cast<unsigned>((p.seqlen_k + Config::kBlockN - 1) / Config::kBlockN),
-                    static_cast<unsigned>(p.num_heads_kv), static_cast<unsigned>(p.batch));
-    kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(p, maps);
-  } else {
-    // Persistent: one CTA per SM (fewer where the test aid caps them), none idle.
-    const int64_t units = p.has_window() ? Sm90BackwardUnits<true>::make(p, Config::kBlockN).count
-                                         : Sm90BackwardUnits<false>::make(p, Config::kBlockN).count;
-    if (units > std::numeric_limits<int32_t>::max())
-      return Status::Unimplemented("jax_flash CUDA: the sm90 backward has " +
-                                   std::to_string(units) + " units of work, over 2^31 - 1");
-    int64_t ctas = std::min<int64_t>(units, std::max(options.num_sms, 1));
-    if (options.persistent_ctas > 0) ctas = std::min<int64_t>(ctas, options.persistent_ctas);
-    kernel<<<static_cast<unsigned>(ctas), Config::kThreads, Config::kSmemBytes, stream>>>(p, maps);
-  }
+  // Persistent: one CTA per SM (fewer where the test aid caps them), none idle.
+  const int64_t units = p.has_window() ? Sm90BackwardUnits<true>::make(p, Config::kBlockN).count
+                                       : Sm90BackwardUnits<false>::make(p, Config::kBlockN).count;
+  if (units > std::numeric_limits<int32_t>::max())
+    return Status::Unimplemented("jax_flash CUDA: the sm90 backward has " +
+                                 std::to_string(units) + " units of work, over 2^31 - 1");
+  int64_t ctas = std::min<int64_t>(units, std::max(options.num_sms, 1));
+  if (options.persistent_ctas > 0) ctas = std::min<int64_t>(ctas, options.persistent_ctas);
+  kernel<<<static_cast<unsigned>(ctas), Config::kThreads, Config::kSmemBytes, stream>>>(p, maps);
   return Status::FromCuda(cudaGetLastError(), "launching the sm90 backward kernel");
 }
 

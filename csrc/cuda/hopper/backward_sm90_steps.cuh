@@ -51,45 +51,6 @@ __device__ __forceinline__ void load_key_block(const Sm90BackwardMaps& maps, uin
   sm90::tma_load_tile<kChunks, kBlockN>(v_smem, &maps.v, kv_full, key0, head_kv, batch);
 }
 
-// The persistent backward's work. A tile is one key block of one (batch, kv head). A unit
-// is one tile or, paired (where a mask window makes key blocks' work differ), two tiles of
-// one (batch, kv head): the i-th key block from the start and the i-th from the end, whose
-// work under a causal mask adds up to the same in every unit. CTA c takes units c,
-// c + gridDim.x, ...: equal units keep the CTAs balanced, and neighbouring units share a
-// (batch, kv head), so the CTAs running at once read the same Q and dO and add into the
-// same dQ rows in L2.
-template <bool kPaired>
-struct Sm90BackwardUnits {
-  static constexpr int kTilesPerUnit = kPaired ? 2 : 1;
-  int key_blocks, units_per_head, num_heads_kv;
-  int64_t count;
-
-  __host__ __device__ static Sm90BackwardUnits make(const AttentionParams& p, int block_n) {
-    Sm90BackwardUnits units;
-    units.key_blocks = static_cast<int>((p.seqlen_k + block_n - 1) / block_n);
-    units.units_per_head = (units.key_blocks + kTilesPerUnit - 1) / kTilesPerUnit;
-    units.num_heads_kv = static_cast<int>(p.num_heads_kv);
-    units.count = int64_t{units.units_per_head} * p.num_heads_kv * p.batch;
-    return units;
-  }
-  // This CTA's tiles: kTilesPerUnit per unit (a paired unit's second may not exist).
-  __device__ __forceinline__ int own_tiles() const {
-    const int ctas = static_cast<int>(gridDim.x), cta = static_cast<int>(blockIdx.x);
-    return kTilesPerUnit * ((static_cast<int>(count) - cta + ctas - 1) / ctas);
-  }
-  // {key block, kv head, batch} of this CTA's own_tile-th tile; key block -1 for the missing
-  // second tile of an odd count's middle unit.
-  __device__ __forceinline__ int3 tile(int own_tile) const {
-    const bool second = kPaired && own_tile % 2 == 1;
-    const int unit = static_cast<int>(blockIdx.x) +
-                     (kPaired ? own_tile / 2 : own_tile) * static_cast<int>(gridDim.x);
-    const int within = unit % units_per_head, pair = unit / units_per_head;
-    const int key_block = second ? key_blocks - 1 - within : within;
-    return make_int3(second && key_block == within ? -1 : key_block, pair % num_heads_kv,
-                     pair / num_heads_kv);
-  }
-};
-
 // The shared address of byte `byte` of row `row` in a tile of 128-byte rows stored with the
 // 128-byte swizzle (TMA's and wgmma's layout): 16-byte units XORed with the row's index
 // within its group of 8.
@@ -110,6 +71,61 @@ __device__ __forceinline__ QuerySteps<kBlockM> sm90_query_steps(const AttentionP
   if (!queries.empty()) queries.begin &= ~int64_t{3};
   return QuerySteps<kBlockM>::make(queries, head_kv, group_size);
 }
+
+// A tile's keys and query steps, which every role of a CTA derives alike.
+template <int kBlockM>
+struct Sm90BackwardTile {
+  int head_kv, batch, key0, valid_keys;
+  QuerySteps<kBlockM> steps;
+};
+
+// The persistent backward's work. A tile is one key block of one (batch, kv head). A unit
+// is one tile or, paired (where a mask window makes key blocks' work differ), two tiles of
+// one (batch, kv head): the i-th key block from the start and the i-th from the end, whose
+// work under a causal mask adds up to the same in every unit. CTA c takes units c,
+// c + gridDim.x, ...: equal units keep the CTAs balanced, and neighbouring units share a
+// (batch, kv head), so the CTAs running at once read the same Q and dO and add into the
+// same dQ rows in L2.
+template <bool kPaired>
+struct Sm90BackwardUnits {
+  static constexpr int kTilesPerUnit = kPaired ? 2 : 1;
+  int block_n, key_blocks, units_per_head, num_heads_kv;
+  int64_t count;
+
+  __host__ __device__ static Sm90BackwardUnits make(const AttentionParams& p, int block_n) {
+    Sm90BackwardUnits units;
+    units.block_n = block_n;
+    units.key_blocks = static_cast<int>((p.seqlen_k + block_n - 1) / block_n);
+    units.units_per_head = (units.key_blocks + kTilesPerUnit - 1) / kTilesPerUnit;
+    units.num_heads_kv = static_cast<int>(p.num_heads_kv);
+    units.count = int64_t{units.units_per_head} * p.num_heads_kv * p.batch;
+    return units;
+  }
+  // This CTA's tiles: kTilesPerUnit per unit (a paired unit's second may not exist).
+  __device__ __forceinline__ int own_tiles() const {
+    const int ctas = static_cast<int>(gridDim.x), cta = static_cast<int>(blockIdx.x);
+    return kTilesPerUnit * ((static_cast<int>(count) - cta + ctas - 1) / ctas);
+  }
+  // This CTA's own_tile-th tile; false for the missing second tile of an odd count's
+  // middle unit.
+  template <int kBlockM>
+  __device__ __forceinline__ bool tile(const AttentionParams& p, int own_tile,
+                                       Sm90BackwardTile<kBlockM>& tile) const {
+    const bool second = kPaired && own_tile % 2 == 1;
+    const int unit = static_cast<int>(blockIdx.x) +
+                     (kPaired ? own_tile / 2 : own_tile) * static_cast<int>(gridDim.x);
+    const int within = unit % units_per_head, pair = unit / units_per_head;
+    const int key_block = second ? key_blocks - 1 - within : within;
+    if (second && key_block == within) return false;
+    tile.head_kv = pair % num_heads_kv;
+    tile.batch = pair / num_heads_kv;
+    tile.key0 = key_block * block_n;
+    tile.valid_keys = min(block_n, static_cast<int>(p.seqlen_k) - tile.key0);
+    tile.steps = sm90_query_steps<kBlockM>(p, tile.key0, tile.valid_keys, tile.head_kv,
+                                           static_cast<int>(p.num_heads / p.num_heads_kv));
+    return true;
+  }
+};
 
 // A step's statistics (lse_log2 or delta) of `count` queries from query0 of (batch, head),
 // copied to `dst` on `bar` (count * 4 bytes). Queries past seqlen_q arrive as zeros: with
@@ -199,19 +215,36 @@ __device__ __forceinline__ void reduce_dq_tile(int consumer, uint32_t staging_ba
   if (!last) sm90::named_barrier_arrive(dq_empty_barrier(consumer), kDqHandoffThreads);
 }
 
-// A whole sweep of `tiles` handoffs from each consumer, the tile-th at where(tile, consumer).
-// The reductions must be complete before the kernel (and its shared memory) ends.
-template <int kConsumers, int kStagingBytes, class Where>
-__device__ __forceinline__ void reduce_dq_tiles(int tiles, uint32_t staging_base,
-                                                const CUtensorMap* dq_map, int batch, int lane,
-                                                Where where) {
-  if (tiles == 0) return;
+// The reducer warp's sweep over a persistent CTA's tiles: kPasses handoffs per step from
+// each consumer, the one of (tile, step, pass, consumer) added at where(...). The staging
+// tiles carry over from tile to tile, so the handoffs are one run, counted first: its last
+// is not freed. The reductions must be complete before the kernel (and its shared memory)
+// ends.
+template <int kConsumers, int kPasses, int kStagingBytes, int kBlockM, bool kPaired, class Where>
+__device__ __forceinline__ void reduce_dq_sweep(const Sm90BackwardUnits<kPaired>& units,
+                                                const AttentionParams& p,
+                                                uint32_t staging_base, const CUtensorMap* dq_map,
+                                                int lane, Where where) {
+  const int own_tiles = units.own_tiles();
+  int handoffs = 0;
+  for (int own_tile = 0; own_tile < own_tiles; ++own_tile) {
+    Sm90BackwardTile<kBlockM> tile;
+    if (units.tile(p, own_tile, tile)) handoffs += kPasses * tile.steps.count;
+  }
+  if (handoffs == 0) return;
   open_dq_staging<kConsumers>();
-  for (int tile = 0; tile < tiles; ++tile)
+  int handoff = 0;
+  for (int own_tile = 0; own_tile < own_tiles; ++own_tile) {
+    Sm90BackwardTile<kBlockM> tile;
+    if (!units.tile(p, own_tile, tile)) continue;
+    for (int step = 0; step < tile.steps.count; ++step)
+      for (int pass = 0; pass < kPasses; ++pass, ++handoff)
 #pragma unroll
-    for (int consumer = 0; consumer < kConsumers; ++consumer)
-      reduce_dq_tile<kStagingBytes>(consumer, staging_base, dq_map, where(tile, consumer), batch,
-                                    lane, tile + 1 == tiles);
+        for (int consumer = 0; consumer < kConsumers; ++consumer)
+          reduce_dq_tile<kStagingBytes>(consumer, staging_base, dq_map,
+                                        where(tile, step, pass, consumer), tile.batch, lane,
+                                        handoff + 1 == handoffs);
+  }
   if (lane == 0) sm90::bulk_wait<0>();
 }
 

@@ -1,8 +1,9 @@
 // FlashAttention backward for Hopper (sm_90a), main kernel for head dim 256.
 // At 256 columns one warpgroup cannot hold dK and dV of 64 keys (256 accumulator registers
-// per thread), so the two consumer warpgroups split the head dim instead of the keys: one CTA
-// per (64-key block, kv head, batch); consumer c owns columns [128c, 128c + 128) of dK, dV
-// and dQ. Per 64-query step:
+// per thread), so the two consumer warpgroups split the head dim instead of the keys: a CTA
+// takes 64-key blocks in turn on a persistent grid, as the main kernel does
+// (Sm90BackwardUnits); consumer c owns columns [128c, 128c + 128) of dK, dV and dQ. Per
+// 64-query step:
 //   Sᵀ = K Qᵀ and dPᵀ = V dOᵀ, each consumer computing 32 of the 64 query columns (no
 //   product done twice), then Pᵀ and dSᵀ in registers (scores.cuh's element step);
 //   both go to shared memory, where they are whole again for
@@ -49,7 +50,8 @@ struct Sm90WideBackwardConfig {
   static constexpr int kScoreBytes = kBlockN * kBlockM * 2;  // Pᵀ or dSᵀ, [key][query]
   static constexpr int kDqBytes = kBlockM * 64 * 4;          // one consumer's staging tile
   static constexpr int kStatBytes = kBlockM * 4;  // lse_log2 per Q stage, delta with dO
-  static constexpr int kBarriers = 1 + 2 * kQStages + 2;  // K/V; Q full/empty; dO full/empty
+  // K/V full and empty; Q full and empty per stage; dO full and empty.
+  static constexpr int kBarriers = 2 + 2 * kQStages + 2;
   static constexpr int kSmemBytes = 2 * kKVBytes + (kQStages + 1) * kQBytes +
                                     2 * 2 * kScoreBytes + kConsumers * kDqBytes +
                                     (kQStages + 1) * kStatBytes + 8 * kBarriers + 1024;
@@ -89,28 +91,25 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   auto lse_smem = [&](int stage) { return stats_base + stage * Config::kStatBytes; };
   const uint32_t delta_smem = lse_smem(kQStages);
   const uint32_t barriers = delta_smem + Config::kStatBytes;
-  const uint32_t kv_full = barriers;
-  auto q_full = [&](int stage) { return barriers + 8 * (1 + stage); };
-  auto q_empty = [&](int stage) { return barriers + 8 * (1 + kQStages + stage); };
-  const uint32_t do_full = barriers + 8 * (1 + 2 * kQStages);
+  const uint32_t kv_full = barriers, kv_empty = barriers + 8;
+  auto q_full = [&](int stage) { return barriers + 8 * (2 + stage); };
+  auto q_empty = [&](int stage) { return barriers + 8 * (2 + kQStages + stage); };
+  const uint32_t do_full = barriers + 8 * (2 + 2 * kQStages);
   const uint32_t do_empty = do_full + 8;
 
   const int thread = threadIdx.x;
-  const int key_block = blockIdx.x, head_kv = blockIdx.y, batch = blockIdx.z;
-  const int seqlen_q = static_cast<int>(p.seqlen_q), seqlen_k = static_cast<int>(p.seqlen_k);
-  const int group_size = static_cast<int>(p.num_heads / p.num_heads_kv);
-  const int key0 = key_block * kBlockN;
-  const int valid_keys = min(kBlockN, seqlen_k - key0);
-
-  const QuerySteps<kBlockM> steps =
-      sm90_query_steps<kBlockM>(p, key0, valid_keys, head_kv, group_size);
-  const int num_steps = steps.count;
+  const int seqlen_q = static_cast<int>(p.seqlen_q);
+  const Sm90BackwardUnits<kHasWindow> units =
+      Sm90BackwardUnits<kHasWindow>::make(p, kBlockN);
+  const int own_tiles = units.own_tiles();
+  using Tile = Sm90BackwardTile<kBlockM>;
 
   if (thread == 0) {
     sm90::mbarrier_init(kv_full, 1);
+    sm90::mbarrier_init(kv_empty, 4 * Config::kConsumers);  // one per consumer warp
     for (int stage = 0; stage < kQStages; ++stage) {
       sm90::mbarrier_init(q_full(stage), 1);
-      sm90::mbarrier_init(q_empty(stage), 4 * Config::kConsumers);  // one per consumer warp
+      sm90::mbarrier_init(q_empty(stage), 4 * Config::kConsumers);
     }
     sm90::mbarrier_init(do_full, 1);
     sm90::mbarrier_init(do_empty, 4 * Config::kConsumers);
@@ -121,29 +120,43 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const int warpgroup = thread / 128;
   if (warpgroup == 0) {
     sm90::registers_decrease<Config::kProducerRegisters>();
-    if (thread == 0 && num_steps > 0) {
+    if (thread == 0) {
       prefetch_backward_maps(maps);
-      load_key_block<kChunks, kBlockN>(maps, k_smem, v_smem, kv_full, key0, head_kv, batch);
-      for (int step = 0; step < num_steps; ++step) {
-        const int stage = step % kQStages, use = step / kQStages;
-        const int head = steps.head(step), query0 = steps.query0(step);
-        if (use > 0) sm90::mbarrier_wait(q_empty(stage), (use - 1) & 1);
-        sm90::mbarrier_arrive_expect_tx(q_full(stage), Config::kQBytes + Config::kStatBytes);
-        sm90::tma_load_tile<kChunks, kBlockM>(q_smem(stage), &maps.q, q_full(stage), query0, head,
-                                              batch);
-        load_step_stats(lse_smem(stage), &maps.lse_log2, q_full(stage), p, batch, head, query0);
-        if (step > 0) sm90::mbarrier_wait(do_empty, (step - 1) & 1);
-        sm90::mbarrier_arrive_expect_tx(do_full, Config::kQBytes + Config::kStatBytes);
-        sm90::tma_load_tile<kChunks, kBlockM>(do_smem, &maps.dout, do_full, query0, head, batch);
-        load_step_stats(delta_smem, &maps.delta, do_full, p, batch, head, query0);
+      // Key blocks and steps loaded so far by this CTA: the phases of the barriers.
+      int kv_count = 0, step_count = 0;
+      for (int own_tile = 0; own_tile < own_tiles; ++own_tile) {
+        Tile tile;
+        if (!units.tile(p, own_tile, tile)) continue;
+        for (int step = 0; step < tile.steps.count; ++step, ++step_count) {
+          const int stage = step_count % kQStages, use = step_count / kQStages;
+          const int head = tile.steps.head(step), query0 = tile.steps.query0(step);
+          if (use > 0) sm90::mbarrier_wait(q_empty(stage), (use - 1) & 1);
+          sm90::mbarrier_arrive_expect_tx(q_full(stage), Config::kQBytes + Config::kStatBytes);
+          sm90::tma_load_tile<kChunks, kBlockM>(q_smem(stage), &maps.q, q_full(stage), query0,
+                                                head, tile.batch);
+          load_step_stats(lse_smem(stage), &maps.lse_log2, q_full(stage), p, tile.batch, head,
+                          query0);
+          if (step_count > 0) sm90::mbarrier_wait(do_empty, (step_count - 1) & 1);
+          sm90::mbarrier_arrive_expect_tx(do_full, Config::kQBytes + Config::kStatBytes);
+          sm90::tma_load_tile<kChunks, kBlockM>(do_smem, &maps.dout, do_full, query0, head,
+                                                tile.batch);
+          load_step_stats(delta_smem, &maps.delta, do_full, p, tile.batch, head, query0);
+          if (step == 0) {
+            // The first step's Q and dO go first (their buffers free during the previous
+            // key block's last step), K and V once that step's products are done.
+            if (kv_count > 0) sm90::mbarrier_wait(kv_empty, (kv_count - 1) & 1);
+            load_key_block<kChunks, kBlockN>(maps, k_smem, v_smem, kv_full, tile.key0,
+                                             tile.head_kv, tile.batch);
+            ++kv_count;
+          }
+        }
       }
     } else if (thread / 32 == 1 && !p.deterministic) {
-      constexpr int kPasses = Config::kDqPasses;
-      reduce_dq_tiles<Config::kConsumers, Config::kDqBytes>(
-          num_steps * kPasses, dq_base, &maps.dq, batch, thread & 31, [&](int tile, int consumer) {
-            const int step = tile / kPasses, pass = tile % kPasses;
-            return make_int4(Config::kColumns * consumer + 64 * pass, steps.query0(step),
-                             steps.head(step), 0);
+      reduce_dq_sweep<Config::kConsumers, Config::kDqPasses, Config::kDqBytes, kBlockM>(
+          units, p, dq_base, &maps.dq, thread & 31,
+          [&](const Tile& tile, int step, int pass, int consumer) {
+            return make_int4(Config::kColumns * consumer + 64 * pass, tile.steps.query0(step),
+                             tile.steps.head(step), 0);
           });
     }
   } else {
@@ -160,10 +173,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
       return reinterpret_cast<const float*>(smem_raw + (address - raw)) + query_column0;
     };
     const float* delta = generic(delta_smem);
-
-    float acc_dv[1][Config::kColumns / 8][4], acc_dk[1][Config::kColumns / 8][4];
-    zero(acc_dv);
-    zero(acc_dk);
 
     using sm90::opaque;
     // acc (keys x this consumer's queries) = `kv` (all keys) times its rows of `qd`.
@@ -188,89 +197,105 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
                                                 b0 + ((kk * 16 * 128) >> 4), 1);
     };
 
-    if (num_steps > 0) sm90::mbarrier_wait(kv_full, 0);
-    for (int step = 0; step < num_steps; ++step) {
-      const int stage = step % kQStages, parity = step & 1;
-      const int head = steps.head(step), query0 = steps.query0(step);
-      const float* lse_log2 = generic(lse_smem(stage));
+    int kv_count = 0, step_count = 0;  // as the producer's
+    for (int own_tile = 0; own_tile < own_tiles; ++own_tile) {
+      Tile tile;
+      if (!units.tile(p, own_tile, tile)) continue;
+      const QuerySteps<kBlockM>& steps = tile.steps;
+      const int batch = tile.batch, key0 = tile.key0;
+      float acc_dv[1][Config::kColumns / 8][4], acc_dk[1][Config::kColumns / 8][4];
+      zero(acc_dv);
+      zero(acc_dk);
+      if (steps.count > 0) sm90::mbarrier_wait(kv_full, kv_count & 1);
+      for (int step = 0; step < steps.count; ++step, ++step_count) {
+        const int stage = step_count % kQStages, parity = step_count & 1;
+        const int head = steps.head(step), query0 = steps.query0(step);
+        const float* lse_log2 = generic(lse_smem(stage));
 
-      sm90::mbarrier_wait(q_full(stage), (step / kQStages) & 1);
-      sm90::mbarrier_wait(do_full, step & 1);
-      float acc_s[1][kQueries / 8][4], acc_dp[1][kQueries / 8][4];
-      sm90::wgmma_fence();
-      issue_keys_by_queries(&acc_s[0][0][0], k_smem, q_smem(stage));
-      issue_keys_by_queries(&acc_dp[0][0][0], v_smem, do_smem);
-      sm90::wgmma_commit();
-      sm90::wgmma_wait<0>();
-      sm90::fence_registers<kQueries / 2>(&acc_s[0][0][0]);
-      sm90::fence_registers<kQueries / 2>(&acc_dp[0][0][0]);
-
-      const ScoreTransform transform = ScoreTransform::make(p, batch, head);
-      const bool masked = window.tile_needs_mask<kHasWindow>(
-          query0, min(query0 + kBlockM, seqlen_q), key0, key0 + kBlockN);
-      probabilities_and_grads<kHasWindow>(acc_s, acc_dp, lse_log2, delta, transform, window, masked,
-                                          query0 + query_column0, key0 + warp_key0, lane);
-      // This consumer's columns of Pᵀ and dSᵀ into the step's swizzled tiles; the other
-      // consumer writes the rest. Those tiles were last read two steps ago, which the
-      // barrier below of the previous step has ordered before these writes.
-      const uint32_t p_tile = p_smem(parity), ds_tile = ds_smem(parity);
-#pragma unroll
-      for (int j = 0; j < kQueries / 8; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = warp_key0 + g + 8 * h;
-          const int byte = (query_column0 + 8 * j + 2 * t) * 2;
-          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(swizzled_128b(p_tile, row, byte)),
-                       "r"(Traits::pack(acc_s[0][j][2 * h], acc_s[0][j][2 * h + 1])));
-          asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(swizzled_128b(ds_tile, row, byte)),
-                       "r"(Traits::pack(acc_dp[0][j][2 * h], acc_dp[0][j][2 * h + 1])));
-        }
-      sm90::fence_shared_for_async();
-      sm90::named_barrier_sync(1, 256);  // both consumers' columns are written
-
-      sm90::wgmma_fence();
-      issue_accumulate(&acc_dv[0][0][0], p_tile, do_smem);
-      sm90::wgmma_commit();
-      issue_accumulate(&acc_dk[0][0][0], ds_tile, q_smem(stage));
-      sm90::wgmma_commit();
-      sm90::wgmma_wait<1>();
-      sm90::fence_registers<Config::kColumns / 2>(&acc_dv[0][0][0]);
-      __syncwarp();
-      if (lane == 0) sm90::mbarrier_arrive(do_empty);  // dO is free: its next load starts
-      sm90::wgmma_wait<0>();
-      sm90::fence_registers<Config::kColumns / 2>(&acc_dk[0][0][0]);
-      __syncwarp();
-      if (lane == 0) sm90::mbarrier_arrive(q_empty(stage));
-      if (!p.deterministic) {
-        // dQ[:, chunk] = dS K[:, chunk] for this consumer's two 64-column chunks: A is dSᵀ
-        // read query-major, B is K read column-major, both transposed in the descriptors.
-        // Both products are issued at once, so the second runs while the first is staged.
-        constexpr int kPasses = Config::kDqPasses;
-        float acc_dq[kPasses][1][8][4];
-        const uint64_t a0 = opaque(sm90::smem_descriptor(ds_tile, 8192, 1024));
+        sm90::mbarrier_wait(q_full(stage), (step_count / kQStages) & 1);
+        sm90::mbarrier_wait(do_full, step_count & 1);
+        float acc_s[1][kQueries / 8][4], acc_dp[1][kQueries / 8][4];
         sm90::wgmma_fence();
-#pragma unroll
-        for (int pass = 0; pass < kPasses; ++pass) {
-          const uint64_t b0 = opaque(sm90::smem_descriptor(
-              k_smem + (column0 / 64 + pass) * kBlockN * 128, kBlockN * 128, 1024));
-#pragma unroll
-          for (int kk = 0; kk < kBlockN / 16; ++kk)
-            wgmma_ss<64, kBF16, 1, 1>(&acc_dq[pass][0][0][0], a0 + ((kk * 16 * 128) >> 4),
-                                      b0 + ((kk * 16 * 128) >> 4), kk > 0);
-          sm90::wgmma_commit();
-        }
-        static_assert(kPasses == 2, "one product in flight while the other is staged");
-        sm90::wgmma_wait<1>();
-        sm90::fence_registers<32>(&acc_dq[0][0][0][0]);
-        stage_dq_tile(acc_dq[0], dq_base + consumer * Config::kDqBytes, consumer, group_thread);
+        issue_keys_by_queries(&acc_s[0][0][0], k_smem, q_smem(stage));
+        issue_keys_by_queries(&acc_dp[0][0][0], v_smem, do_smem);
+        sm90::wgmma_commit();
         sm90::wgmma_wait<0>();
-        sm90::fence_registers<32>(&acc_dq[1][0][0][0]);
-        stage_dq_tile(acc_dq[1], dq_base + consumer * Config::kDqBytes, consumer, group_thread);
+        sm90::fence_registers<kQueries / 2>(&acc_s[0][0][0]);
+        sm90::fence_registers<kQueries / 2>(&acc_dp[0][0][0]);
+
+        const ScoreTransform transform = ScoreTransform::make(p, batch, head);
+        const bool masked = window.tile_needs_mask<kHasWindow>(
+            query0, min(query0 + kBlockM, seqlen_q), key0, key0 + kBlockN);
+        probabilities_and_grads<kHasWindow>(acc_s, acc_dp, lse_log2, delta, transform, window,
+                                            masked, query0 + query_column0, key0 + warp_key0, lane);
+        // This consumer's columns of Pᵀ and dSᵀ into the step's swizzled tiles; the other
+        // consumer writes the rest. Those tiles were last read two steps ago, which the
+        // barrier below of the previous step has ordered before these writes.
+        const uint32_t p_tile = p_smem(parity), ds_tile = ds_smem(parity);
+#pragma unroll
+        for (int j = 0; j < kQueries / 8; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int row = warp_key0 + g + 8 * h;
+            const int byte = (query_column0 + 8 * j + 2 * t) * 2;
+            asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(swizzled_128b(p_tile, row, byte)),
+                         "r"(Traits::pack(acc_s[0][j][2 * h], acc_s[0][j][2 * h + 1])));
+            asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(swizzled_128b(ds_tile, row, byte)),
+                         "r"(Traits::pack(acc_dp[0][j][2 * h], acc_dp[0][j][2 * h + 1])));
+          }
+        sm90::fence_shared_for_async();
+        sm90::named_barrier_sync(1, 256);  // both consumers' columns are written
+
+        sm90::wgmma_fence();
+        issue_accumulate(&acc_dv[0][0][0], p_tile, do_smem);
+        sm90::wgmma_commit();
+        issue_accumulate(&acc_dk[0][0][0], ds_tile, q_smem(stage));
+        sm90::wgmma_commit();
+        sm90::wgmma_wait<1>();
+        sm90::fence_registers<Config::kColumns / 2>(&acc_dv[0][0][0]);
+        __syncwarp();
+        if (lane == 0) sm90::mbarrier_arrive(do_empty);  // dO is free: its next load starts
+        sm90::wgmma_wait<0>();
+        sm90::fence_registers<Config::kColumns / 2>(&acc_dk[0][0][0]);
+        __syncwarp();
+        if (lane == 0) sm90::mbarrier_arrive(q_empty(stage));
+        if (!p.deterministic) {
+          // dQ[:, chunk] = dS K[:, chunk] for this consumer's two 64-column chunks: A is dSᵀ
+          // read query-major, B is K read column-major, both transposed in the descriptors.
+          // Both products are issued at once, so the second runs while the first is staged.
+          constexpr int kPasses = Config::kDqPasses;
+          float acc_dq[kPasses][1][8][4];
+          const uint64_t a0 = opaque(sm90::smem_descriptor(ds_tile, 8192, 1024));
+          sm90::wgmma_fence();
+#pragma unroll
+          for (int pass = 0; pass < kPasses; ++pass) {
+            const uint64_t b0 = opaque(sm90::smem_descriptor(
+                k_smem + (column0 / 64 + pass) * kBlockN * 128, kBlockN * 128, 1024));
+#pragma unroll
+            for (int kk = 0; kk < kBlockN / 16; ++kk)
+              wgmma_ss<64, kBF16, 1, 1>(&acc_dq[pass][0][0][0], a0 + ((kk * 16 * 128) >> 4),
+                                        b0 + ((kk * 16 * 128) >> 4), kk > 0);
+            sm90::wgmma_commit();
+          }
+          static_assert(kPasses == 2, "one product in flight while the other is staged");
+          sm90::wgmma_wait<1>();
+          sm90::fence_registers<32>(&acc_dq[0][0][0][0]);
+          stage_dq_tile(acc_dq[0], dq_base + consumer * Config::kDqBytes, consumer, group_thread);
+          sm90::wgmma_wait<0>();
+          sm90::fence_registers<32>(&acc_dq[1][0][0][0]);
+          stage_dq_tile(acc_dq[1], dq_base + consumer * Config::kDqBytes, consumer, group_thread);
+        }
       }
+      // The last step waited for all of this warp's products: K and V may be replaced while
+      // dK and dV are stored.
+      if (steps.count > 0) {
+        if (lane == 0) sm90::mbarrier_arrive(kv_empty);
+        ++kv_count;
+      }
+      // This consumer's columns of dK and dV for this warp's keys, summed over the group.
+      store_dk_dv<Element>(acc_dk, acc_dv, p, batch, tile.head_kv, key0 + warp_key0, column0,
+                           tile.valid_keys - warp_key0, lane);
     }
-    // This consumer's columns of dK and dV for this warp's keys, summed over the group.
-    store_dk_dv<Element>(acc_dk, acc_dv, p, batch, head_kv, key0 + warp_key0, column0,
-                         valid_keys - warp_key0, lane);
   }
 }
 
