@@ -4,7 +4,7 @@
 # Steps are arguments, each optionally with a time limit in seconds (step:seconds):
 #   bash benchmarks/device_run.sh build gputests:300 memcheck:120 bench-quick
 # Steps: build sass cputests gputests gputests-sm90 gputests-kvcache memcheck bench bench-quick bench-ring bench-packed
-# bench-grid bench-kvcache examples. (Register and spill counts
+# bench-grid bench-kvcache kernel-times examples. (Register and spill counts
 # need no GPU: nvcc -Xptxas -v on an instantiation file, here.)
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
@@ -106,6 +106,17 @@ run_step() {
       (cd /tmp && JAX_FLASH_CUDA_SM90=0 timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 \
         --seqlens 4096 16384 --modes ${BENCH_MODES:-fwd fwd_bwd} --impls jax_flash --tag _sm80 \
         --json "$OUT/bench_grid_sm80.json") 2>&1 | grep "d=" | tee -a "$OUT/bench_grid.log"
+      ;;
+    kernel-times)
+      # Per-kernel durations of one fwd+bwd call, ours and FA3's (kernel_times.sh, carried
+      # FA3 wheel on PYTHONPATH), at KERNEL_TIMES="head_dim:seqlen:causal ...".
+      local spec impl d s c
+      for spec in ${KERNEL_TIMES:-128:1024:0 128:2048:1 128:16384:0}; do
+        IFS=: read -r d s c <<< "$spec"
+        for impl in jax_flash fa3; do
+          (cd "$ROOT" && timeout "$limit" bash benchmarks/kernel_times.sh "$impl" "$d" "$s" "$c" | head -14)
+        done
+      done | tee "$OUT/kernel_times.log"
       ;;
     bench-kvcache)
       (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_kvcache.py" --json "$OUT/bench_kvcache.json") 2>&1 | tee "$OUT/bench_kvcache.log"
