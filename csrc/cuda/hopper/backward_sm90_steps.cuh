@@ -136,6 +136,36 @@ __device__ __forceinline__ void load_step_stats(uint32_t dst, const CUtensorMap*
   sm90::tma_load_2d(dst, map, bar, query0, batch * static_cast<int>(p.num_heads) + head);
 }
 
+// The producer thread's sweep over a persistent CTA's tiles. load_step(tile, step,
+// step_count) copies one step's operands (step_count counts the CTA's steps so far: the
+// phases of their buffers' barriers). A tile's K and V follow its first step's copies,
+// whose buffers free during the previous key block's last step, once the consumers have
+// released the previous K and V on kv_empty (after that step's products).
+template <int kChunks, int kBlockN, int kBlockM, bool kPaired, class LoadStep>
+__device__ __forceinline__ void produce_backward_tiles(const Sm90BackwardUnits<kPaired>& units,
+                                                       const AttentionParams& p,
+                                                       const Sm90BackwardMaps& maps,
+                                                       uint32_t k_smem, uint32_t v_smem,
+                                                       uint32_t kv_full, uint32_t kv_empty,
+                                                       LoadStep load_step) {
+  prefetch_backward_maps(maps);
+  const int own_tiles = units.own_tiles();
+  int kv_count = 0, step_count = 0;
+  for (int own_tile = 0; own_tile < own_tiles; ++own_tile) {
+    Sm90BackwardTile<kBlockM> tile;
+    if (!units.tile(p, own_tile, tile)) continue;
+    for (int step = 0; step < tile.steps.count; ++step, ++step_count) {
+      load_step(tile, step, step_count);
+      if (step == 0) {
+        if (kv_count > 0) sm90::mbarrier_wait(kv_empty, (kv_count - 1) & 1);
+        load_key_block<kChunks, kBlockN>(maps, k_smem, v_smem, kv_full, tile.key0, tile.head_kv,
+                                         tile.batch);
+        ++kv_count;
+      }
+    }
+  }
+}
+
 // Rows of a dQ tile, and of the dq tensor map's box.
 constexpr int kDqTileRows = 64;
 

@@ -121,36 +121,23 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   if (warpgroup == 0) {
     sm90::registers_decrease<Config::kProducerRegisters>();
     if (thread == 0) {
-      prefetch_backward_maps(maps);
-      // Key blocks and steps loaded so far by this CTA: the phases of the barriers.
-      int kv_count = 0, step_count = 0;
-      for (int own_tile = 0; own_tile < own_tiles; ++own_tile) {
-        Tile tile;
-        if (!units.tile(p, own_tile, tile)) continue;
-        for (int step = 0; step < tile.steps.count; ++step, ++step_count) {
-          const int stage = step_count % kQStages, use = step_count / kQStages;
-          const int head = tile.steps.head(step), query0 = tile.steps.query0(step);
-          if (use > 0) sm90::mbarrier_wait(q_empty(stage), (use - 1) & 1);
-          sm90::mbarrier_arrive_expect_tx(q_full(stage), Config::kQBytes + Config::kStatBytes);
-          sm90::tma_load_tile<kChunks, kBlockM>(q_smem(stage), &maps.q, q_full(stage), query0,
-                                                head, tile.batch);
-          load_step_stats(lse_smem(stage), &maps.lse_log2, q_full(stage), p, tile.batch, head,
-                          query0);
-          if (step_count > 0) sm90::mbarrier_wait(do_empty, (step_count - 1) & 1);
-          sm90::mbarrier_arrive_expect_tx(do_full, Config::kQBytes + Config::kStatBytes);
-          sm90::tma_load_tile<kChunks, kBlockM>(do_smem, &maps.dout, do_full, query0, head,
-                                                tile.batch);
-          load_step_stats(delta_smem, &maps.delta, do_full, p, tile.batch, head, query0);
-          if (step == 0) {
-            // The first step's Q and dO go first (their buffers free during the previous
-            // key block's last step), K and V once that step's products are done.
-            if (kv_count > 0) sm90::mbarrier_wait(kv_empty, (kv_count - 1) & 1);
-            load_key_block<kChunks, kBlockN>(maps, k_smem, v_smem, kv_full, tile.key0,
-                                             tile.head_kv, tile.batch);
-            ++kv_count;
-          }
-        }
-      }
+      produce_backward_tiles<kChunks, kBlockN, kBlockM>(
+          units, p, maps, k_smem, v_smem, kv_full, kv_empty,
+          [&](const Tile& tile, int step, int step_count) {
+            const int stage = step_count % kQStages, use = step_count / kQStages;
+            const int head = tile.steps.head(step), query0 = tile.steps.query0(step);
+            if (use > 0) sm90::mbarrier_wait(q_empty(stage), (use - 1) & 1);
+            sm90::mbarrier_arrive_expect_tx(q_full(stage), Config::kQBytes + Config::kStatBytes);
+            sm90::tma_load_tile<kChunks, kBlockM>(q_smem(stage), &maps.q, q_full(stage), query0,
+                                                  head, tile.batch);
+            load_step_stats(lse_smem(stage), &maps.lse_log2, q_full(stage), p, tile.batch, head,
+                            query0);
+            if (step_count > 0) sm90::mbarrier_wait(do_empty, (step_count - 1) & 1);
+            sm90::mbarrier_arrive_expect_tx(do_full, Config::kQBytes + Config::kStatBytes);
+            sm90::tma_load_tile<kChunks, kBlockM>(do_smem, &maps.dout, do_full, query0, head,
+                                                  tile.batch);
+            load_step_stats(delta_smem, &maps.delta, do_full, p, tile.batch, head, query0);
+          });
     } else if (thread / 32 == 1 && !p.deterministic) {
       reduce_dq_sweep<Config::kConsumers, Config::kDqPasses, Config::kDqBytes, kBlockM>(
           units, p, dq_base, &maps.dq, thread & 31,
