@@ -5,6 +5,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <string>
 #include <type_traits>
 
@@ -24,6 +26,14 @@ struct LaunchOptions {
   int num_sms = 0;             // multiprocessors: the persistent kernels' grid
   int persistent_ctas = 0;     // test aid: > 0 caps the Hopper kernels' persistent grids
 };
+
+// CTAs of a persistent grid over `units` units of work: one per SM, or the test aid's cap
+// in its place, and never more than the units.
+inline int64_t persistent_grid_ctas(int64_t units, const LaunchOptions& options) {
+  if (options.persistent_ctas > 0) return std::min<int64_t>(units, options.persistent_ctas);
+  if (options.num_sms > 0) return std::min<int64_t>(units, options.num_sms);
+  return units;
+}
 
 // Checks that a kernel's dynamic shared memory fits this GPU and raises the kernel's limit
 // past the 48 KB default where it needs more. `what` names the kernel in messages.

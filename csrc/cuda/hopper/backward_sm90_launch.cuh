@@ -8,7 +8,6 @@
 
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -74,15 +73,14 @@ Status launch_backward_sm90(const AttentionParams& p, const BackwardWorkspace& w
                                      "head_dim " + std::to_string(kHeadDimClass) + " sm90 backward");
       !s.ok())
     return s;
-  // Persistent: one CTA per SM (fewer where the test aid caps them), none idle.
+  // Persistent, as the forward.
   const int64_t units = p.has_window() ? Sm90BackwardUnits<true>::make(p, Config::kBlockN).count
                                        : Sm90BackwardUnits<false>::make(p, Config::kBlockN).count;
   if (units > std::numeric_limits<int32_t>::max())
     return Status::Unimplemented("jax_flash CUDA: the sm90 backward has " +
                                  std::to_string(units) + " units of work, over 2^31 - 1");
-  int64_t ctas = std::min<int64_t>(units, std::max(options.num_sms, 1));
-  if (options.persistent_ctas > 0) ctas = std::min<int64_t>(ctas, options.persistent_ctas);
-  kernel<<<static_cast<unsigned>(ctas), Config::kThreads, Config::kSmemBytes, stream>>>(p, maps);
+  const unsigned ctas = static_cast<unsigned>(persistent_grid_ctas(units, options));
+  kernel<<<ctas, Config::kThreads, Config::kSmemBytes, stream>>>(p, maps);
   return Status::FromCuda(cudaGetLastError(), "launching the sm90 backward kernel");
 }
 

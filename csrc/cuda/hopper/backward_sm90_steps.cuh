@@ -170,9 +170,10 @@ __device__ __forceinline__ void produce_backward_tiles(const Sm90BackwardUnits<k
 constexpr int kDqTileRows = 64;
 
 // Both backward kernels' register split (384 threads: the producer warpgroup, which holds the
-// reducer warp too, and two consumer warpgroups). At 40 registers ptxas reports a 4-byte
-// spill at head dim 128; 56 + 2 x 224 spills nothing but ran causal 8% slower (device call 3
-// of 2026-12-06). setmaxnreg moves registers within the pool the launch granted (168 per
+// reducer warp too, and two consumer warpgroups). At 40 registers ptxas reports 44-52 bytes
+// of spill in that warpgroup's code at head dim 256 (none at 64 or 128); 56 + 2 x 224 spills
+// nothing but ran causal 8% slower at head dim 128 (device call 3 of 2026-12-06, tenth
+// session). setmaxnreg moves registers within the pool the launch granted (168 per
 // thread at 384 threads): asking for more than it holds waits forever (48 + 2 x 232 hung,
 // 2026-12-06).
 constexpr int kSm90BackwardProducerRegisters = 40;

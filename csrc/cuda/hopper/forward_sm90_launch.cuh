@@ -5,7 +5,6 @@
 
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <string>
 
 #include "cuda/hopper/forward_sm90_kernel.cuh"
@@ -56,12 +55,7 @@ Status launch_forward_sm90(const AttentionParams& p, const LaunchOptions& option
       (paired ? (num_m_blocks + 1) / 2 : num_m_blocks) * p.num_heads * p.batch;
   // Persistent: one CTA per SM (measured against one per tile in NOTES_sm90.md, forward
   // v3-v5), or the test aid's cap.
-  int64_t ctas = num_units;
-  if (options.persistent_ctas > 0)
-    ctas = std::min<int64_t>(num_units, options.persistent_ctas);
-  else if (options.num_sms > 0)
-    ctas = std::min<int64_t>(num_units, options.num_sms);
-  const dim3 grid(static_cast<unsigned>(ctas));
+  const dim3 grid(static_cast<unsigned>(persistent_grid_ctas(num_units, options)));
   kernel<<<grid, Config::kThreads, Config::kSmemBytes, stream>>>(p, maps);
   return Status::FromCuda(cudaGetLastError(), "launching the sm90 forward kernel");
 }
