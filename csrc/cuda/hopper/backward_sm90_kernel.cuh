@@ -163,7 +163,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   } else {
     // The consumers are the other branch of one if/else, as in the forward kernel.
     sm90::registers_increase<Config::kConsumerRegisters>();
-    const int consumer = warpgroup - 1;
+    const int consumer = sm90::warp_uniform(warpgroup - 1);
     const int group_thread = thread & 127, lane = thread & 31, warp_in_group = group_thread >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int key_row0 = 64 * consumer;                     // within the CTA's key block

@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     }
   } else {
     sm90::registers_increase<Config::kConsumerRegisters>();
-    const int consumer = warpgroup - 1;
+    const int consumer = sm90::warp_uniform(warpgroup - 1);
     const int group_thread = thread & 127, lane = thread & 31, warp_in_group = group_thread >> 5;
     const int g = lane >> 2, t = lane & 3;
     const int warp_key0 = 16 * warp_in_group;  // this warp's 16 keys (rows of Sᵀ)

@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
     // hands them the producer's registers (HOPPER.md).
     sm90::registers_increase<Config::kConsumerRegisters>();
 
-    const int consumer = warpgroup - 1;
+    const int consumer = sm90::warp_uniform(warpgroup - 1);
     const int lane = thread & 31, warp_in_group = (thread >> 5) & 3;
     const int group_row0 = 64 * consumer;                     // within the CTA's block
     const int warp_row0 = group_row0 + 16 * warp_in_group;  // this warp's 16 rows

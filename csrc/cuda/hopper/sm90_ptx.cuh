@@ -159,6 +159,15 @@ __device__ __forceinline__ uint64_t opaque(uint64_t value) {
 
 // ---- warp specialization ----
 
+// The value as the compiler's uniform datapath sees it: a lane-0 broadcast of a value every
+// lane already holds. A consumer's index computed from threadIdx.x is not known to be warp-
+// uniform, so every wgmma descriptor built from it was a 64-bit add in vector registers and
+// two R2UR moves (about 50 instructions per warp and step in the backward, 2026-12-06
+// profile); from this value they stay in uniform registers, one UIADD3 per wgmma.
+__device__ __forceinline__ int warp_uniform(int value) {
+  return __shfl_sync(0xffffffffu, value, 0);
+}
+
 template <int kRegisters>
 __device__ __forceinline__ void registers_increase() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
