@@ -75,13 +75,14 @@ struct Sm90BackwardConfig {
   static constexpr int kStatsBytes = 2 * kBlockM * 4;
   static constexpr int kBarriers = 2 + 2 * kStages;  // K/V full and empty; Q/dO full and empty
   static constexpr int kSmemBytes = 2 * kKVBytes + 2 * kStages * kQBytes + 2 * kDsBytes +
-                                    kConsumers * kDqBytes + kStages * kStatsBytes +
-                                    8 * kBarriers + 1024;
+                                    kConsumers * (kDqBytes + kDkvStagingBytes) +
+                                    kStages * kStatsBytes + 8 * kBarriers + 1024;
   static constexpr int kProducerRegisters = kSm90BackwardProducerRegisters;
   static constexpr int kConsumerRegisters = kSm90BackwardConsumerRegisters;
   static_assert(kThreads == 384, "the register split is for one producer and two consumers");
   static_assert(kHeadDim == 64 || kHeadDim == 128, "head dims with a Hopper backward");
   static_assert(kBlockM == 64 * kConsumers / kChunks, "dQ: one 64 x 64 tile per consumer");
+  static_assert(kSmemBytes <= 227 * 1024, "Hopper's shared memory per block");
 };
 
 template <class Config, typename Element, bool kHasWindow>
@@ -97,14 +98,16 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const uint32_t raw = shared_address(smem_raw);
   const uint32_t smem = (raw + 1023u) & ~1023u;
   // K and V as kChunks column chunks of [kBlockN][64]; per stage Q then dO as chunks of
-  // [kBlockM][64]; two dSᵀ buffers; dQ staging; lse_log2 and delta per stage; barriers.
+  // [kBlockM][64]; two dSᵀ buffers; dQ staging and dK/dV staging per consumer (1024-byte
+  // aligned, as the swizzle needs); lse_log2 and delta per stage; barriers.
   const uint32_t k_smem = smem, v_smem = smem + Config::kKVBytes;
   auto q_smem = [&](int stage) { return smem + 2 * Config::kKVBytes + 2 * stage * Config::kQBytes; };
   auto do_smem = [&](int stage) { return q_smem(stage) + Config::kQBytes; };
   const uint32_t ds_base = smem + 2 * Config::kKVBytes + 2 * kStages * Config::kQBytes;
   auto ds_smem = [&](int buffer) { return ds_base + buffer * Config::kDsBytes; };
   const uint32_t dq_base = ds_base + 2 * Config::kDsBytes;
-  const uint32_t stats_base = dq_base + Config::kConsumers * Config::kDqBytes;
+  const uint32_t dkv_base = dq_base + Config::kConsumers * Config::kDqBytes;
+  const uint32_t stats_base = dkv_base + Config::kConsumers * kDkvStagingBytes;
   auto lse_smem = [&](int stage) { return stats_base + stage * Config::kStatsBytes; };
   auto delta_smem = [&](int stage) { return lse_smem(stage) + kBlockM * 4; };
   const uint32_t barriers = stats_base + kStages * Config::kStatsBytes;
@@ -290,10 +293,13 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         if (lane == 0) sm90::mbarrier_arrive(kv_empty);
         ++kv_count;
       }
-      // dK and dV of this warp's keys, summed over the group; zero if no query sees them.
-      store_dk_dv<Element>(acc_dk, acc_dv, p, batch, tile.head_kv, key0 + warp_key0, 0,
-                           tile.valid_keys - warp_key0, lane);
+      // dK and dV of this consumer's keys, summed over the group; zero if no query sees them.
+      store_dk_dv_staged<Element>(acc_dk, acc_dv, maps, dkv_base + consumer * kDkvStagingBytes,
+                                  consumer, group_thread, 0, key0 + key_row0, tile.head_kv,
+                                  batch);
     }
+    // The staging tile must outlast the copy engine's reads, and the stores be complete.
+    if (group_thread == 0) sm90::bulk_wait<0>();
   }
 }
 

@@ -38,6 +38,9 @@ Status launch_backward_sm90(const AttentionParams& p, const BackwardWorkspace& w
       {&maps.dout, p.dout, p.seqlen_q, p.num_heads, p.out_strides, Config::kBlockM},
       {&maps.k, p.k, p.seqlen_k, p.num_heads_kv, p.k_strides, Config::kBlockN},
       {&maps.v, p.v, p.seqlen_k, p.num_heads_kv, p.v_strides, Config::kBlockN},
+      // dK and dV have the layout of K and V (store_dk_dv_staged: 64 keys per box).
+      {&maps.dk, p.dk, p.seqlen_k, p.num_heads_kv, p.k_strides, 64},
+      {&maps.dv, p.dv, p.seqlen_k, p.num_heads_kv, p.v_strides, 64},
   };
   const TensorStrides dq_strides{p.num_heads * p.seqlen_q * p.head_dim, p.head_dim,
                                  p.seqlen_q * p.head_dim};

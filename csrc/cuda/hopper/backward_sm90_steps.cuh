@@ -26,8 +26,10 @@ namespace jax_flash::cuda {
 // heads, batch), boxes of 32 columns by kBlockM rows, which the kernel adds into. lse_log2
 // and delta are the workspace's statistics as (seqlen_q, batch * heads), boxes of one step's
 // queries: the producer copies them beside Q and dO, so no consumer waits on a global load.
+// dk and dv are the outputs as (head_dim, seqlen_k, heads_kv, batch), boxes of 64 columns by
+// 64 keys, which the main kernel's consumers store through shared memory.
 struct Sm90BackwardMaps {
-  CUtensorMap q, dout, k, v, dq, lse_log2, delta;
+  CUtensorMap q, dout, k, v, dq, lse_log2, delta, dk, dv;
 };
 
 // The tensor maps the producer copies with, into the descriptor cache (once per CTA).
@@ -277,6 +279,56 @@ __device__ __forceinline__ void reduce_dq_sweep(const Sm90BackwardUnits<kPaired>
                                         handoff + 1 == handoffs);
   }
   if (lane == 0) sm90::bulk_wait<0>();
+}
+
+// dK and dV of a consumer's 64 keys, leaving through its 8 KB staging tile (64 keys by 64
+// columns, 128-byte swizzle) by bulk tensor stores, one 64-column chunk at a time. From
+// registers they took 64 four-byte global stores per thread per key block, whose queue
+// (lg throttle) held the consumers for a fifth of their time at 1k tokens causal (profile,
+// 2026-12-06, twelfth session); here a chunk is four stmatrix per thread, and the copy engine
+// writes it while the consumer goes on. Rows past seqlen_k are dropped by the tensor map.
+// The staging tile is reused chunk after chunk and tile after tile: thread 0 of the
+// consumer, which issues the stores, waits for the previous one's read first.
+constexpr int kDkvStagingBytes = 64 * 64 * 2;
+__device__ __forceinline__ int dkv_staging_barrier(int consumer) { return 8 + consumer; }
+
+template <typename Element, int kTiles>
+__device__ __forceinline__ void store_dk_dv_staged(const float (&acc_dk)[1][kTiles][4],
+                                                   const float (&acc_dv)[1][kTiles][4],
+                                                   const Sm90BackwardMaps& maps, uint32_t staging,
+                                                   int consumer, int group_thread, int column0,
+                                                   int key0, int head_kv, int batch) {
+  using Traits = ElementTraits<Element>;
+  static_assert(kTiles % 8 == 0, "64-column chunks");
+  const int lane = group_thread & 31, warp_in_group = group_thread >> 5;
+  // This lane's row address within a 16-column pair of 8x8 matrices (stmatrix.x4): matrix
+  // lane / 8 is (rows 8 * (matrix & 1), columns 8 * (matrix >> 1)) of the warp's 16 keys.
+  const int matrix = lane >> 3;
+  const int row = 16 * warp_in_group + (lane & 7) + 8 * (matrix & 1);
+  auto store = [&](const float (&acc)[1][kTiles][4], const CUtensorMap* map) {
+#pragma unroll
+    for (int chunk = 0; chunk < kTiles / 8; ++chunk) {
+      if (group_thread == 0) sm90::bulk_wait_read<0>();
+      sm90::named_barrier_sync(dkv_staging_barrier(consumer), 128);
+#pragma unroll
+      for (int pair = 0; pair < 4; ++pair) {
+        const int j = 8 * chunk + 2 * pair;
+        sm90::store_matrix_x4(swizzled_128b(staging, row, 16 * (2 * pair + (matrix >> 1))),
+                              Traits::pack(acc[0][j][0], acc[0][j][1]),
+                              Traits::pack(acc[0][j][2], acc[0][j][3]),
+                              Traits::pack(acc[0][j + 1][0], acc[0][j + 1][1]),
+                              Traits::pack(acc[0][j + 1][2], acc[0][j + 1][3]));
+      }
+      sm90::fence_shared_for_async();
+      sm90::named_barrier_sync(dkv_staging_barrier(consumer), 128);
+      if (group_thread == 0) {
+        sm90::tma_store_4d(map, staging, column0 + 64 * chunk, key0, head_kv, batch);
+        sm90::bulk_commit();
+      }
+    }
+  };
+  store(acc_dv, &maps.dv);
+  store(acc_dk, &maps.dk);
 }
 
 // Pᵀ into acc_s and dSᵀ into acc_dp, in place, for one warp's wgmma accumulators of Sᵀ and
