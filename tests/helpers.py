@@ -9,6 +9,7 @@ form (delta = rowsum(dout * out)) leaves rounding noise of an ulp or two.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -95,14 +96,18 @@ def losses(kwargs, flash_fn=None, reference_fn=None):
     return make(flash_fn or flash), make(reference_fn or reference)
 
 
-def run_selection_in_fresh_process(test_file, selection, **environment):
+def run_selection_in_fresh_process(test_file, selection, workers=4, **environment):
     """Runs `pytest -k selection` on test_file in a fresh process with extra environment
     variables (settings the library reads once per process, such as the GPU test aids) and
-    asserts that its tests ran and passed: a skip there would hide the case it exists for."""
+    asserts that its tests ran and passed: a skip there would hide the case it exists for.
+    With pytest-xdist installed the selection runs on `workers` processes, each started with
+    the same environment: one process took over 140 s for the 72 cases of the three-CTA
+    backward (device calls of 2026-12-06), more than a device step allows."""
     test_file = os.path.abspath(test_file)
+    parallel = ["-n", str(workers)] if workers > 1 and importlib.util.find_spec("xdist") else []
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", selection,
-         test_file],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *parallel, "-k",
+         selection, test_file],
         env=dict(os.environ, **environment), capture_output=True, text=True,
         cwd=os.path.dirname(test_file))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
