@@ -116,7 +116,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   auto empty = [&](int stage) { return barriers + 8 * (2 + kStages + stage); };
 
   const int thread = threadIdx.x;
-  const int seqlen_q = static_cast<int>(p.seqlen_q);
   const Sm90BackwardUnits<kHasWindow> units =
       Sm90BackwardUnits<kHasWindow>::make(p, kBlockN);
   const int own_tiles = units.own_tiles();
@@ -222,13 +221,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         sm90::fence_registers<kBlockM / 2>(&acc_s[0][0][0]);
         sm90::fence_registers<kBlockM / 2>(&acc_dp[0][0][0]);
 
-        // Pᵀ into acc_s and dSᵀ into acc_dp; most tiles take the short path with no index
-        // arithmetic (a uniform branch per step).
-        const ScoreTransform transform = ScoreTransform::make(p, batch, head);
-        const bool masked = window.tile_needs_mask<kHasWindow>(
-            query0, min(query0 + kBlockM, seqlen_q), key0, key0 + kBlockN);
-        probabilities_and_grads<kHasWindow>(acc_s, acc_dp, lse_log2, delta, transform, window,
-                                            masked, query0, key0 + warp_key0, lane);
+        probabilities_and_grads<kHasWindow, kBlockM, kBlockN>(
+            acc_s, acc_dp, lse_log2, delta, p, window, batch, head, query0, key0, query0,
+            key0 + warp_key0, lane);
         uint32_t p_frag[kBlockM / 16][4], ds_frag[kBlockM / 16][4];
 #pragma unroll
         for (int kk = 0; kk < kBlockM / 16; ++kk) {

@@ -332,16 +332,21 @@ __device__ __forceinline__ void store_dk_dv_staged(const float (&acc_dk)[1][kTil
 }
 
 // Pᵀ into acc_s and dSᵀ into acc_dp, in place, for one warp's wgmma accumulators of Sᵀ and
-// dPᵀ: 16 keys from `key0` by 8 * kTiles queries from `query0`, whose lse (log2 units) and
-// delta are lse_log2[0..] and delta[0..]. Most tiles take the short path, with no index
-// arithmetic (a uniform branch per step).
-template <bool kHasWindow, int kTiles>
+// dPᵀ in a step of a key block: 16 keys from `warp_key0` by 8 * kTiles queries from
+// `warp_query0`, whose lse (log2 units) and delta are lse_log2[0..] and delta[0..]. The
+// step's block is kBlockM queries from query0 by kBlockN keys from key0 (the whole CTA's);
+// most blocks take the short path, with no index arithmetic (a uniform branch per step).
+template <bool kHasWindow, int kBlockM, int kBlockN, int kTiles>
 __device__ __forceinline__ void probabilities_and_grads(float (&acc_s)[1][kTiles][4],
                                                         float (&acc_dp)[1][kTiles][4],
                                                         const float* lse_log2, const float* delta,
-                                                        const ScoreTransform& transform,
-                                                        const KeyWindow& window, bool masked,
-                                                        int query0, int key0, int lane) {
+                                                        const AttentionParams& p,
+                                                        const KeyWindow& window, int batch,
+                                                        int head, int query0, int key0,
+                                                        int warp_query0, int warp_key0, int lane) {
+  const ScoreTransform transform = ScoreTransform::make(p, batch, head);
+  const bool masked = window.tile_needs_mask<kHasWindow>(
+      query0, min(query0 + kBlockM, static_cast<int>(p.seqlen_q)), key0, key0 + kBlockN);
   const int g = lane >> 2, t = lane & 3;
   auto elements = [&](auto general_tag) {
     constexpr bool kGeneral = decltype(general_tag)::value;
@@ -352,7 +357,7 @@ __device__ __forceinline__ void probabilities_and_grads(float (&acc_s)[1][kTiles
         const int column = 8 * j + 2 * t + (c & 1);
         const float2 pg = probability_and_grad<kGeneral, kHasWindow>(
             acc_s[0][j][c], acc_dp[0][j][c], lse_log2[column], delta[column], transform, window,
-            masked, false, query0 + column, key0 + g + 8 * (c >> 1));
+            masked, false, warp_query0 + column, warp_key0 + g + 8 * (c >> 1));
         acc_s[0][j][c] = pg.x;
         acc_dp[0][j][c] = pg.y;
       }

@@ -98,7 +98,6 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const uint32_t do_empty = do_full + 8;
 
   const int thread = threadIdx.x;
-  const int seqlen_q = static_cast<int>(p.seqlen_q);
   const Sm90BackwardUnits<kHasWindow> units =
       Sm90BackwardUnits<kHasWindow>::make(p, kBlockN);
   const int own_tiles = units.own_tiles();
@@ -210,11 +209,9 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         sm90::fence_registers<kQueries / 2>(&acc_s[0][0][0]);
         sm90::fence_registers<kQueries / 2>(&acc_dp[0][0][0]);
 
-        const ScoreTransform transform = ScoreTransform::make(p, batch, head);
-        const bool masked = window.tile_needs_mask<kHasWindow>(
-            query0, min(query0 + kBlockM, seqlen_q), key0, key0 + kBlockN);
-        probabilities_and_grads<kHasWindow>(acc_s, acc_dp, lse_log2, delta, transform, window,
-                                            masked, query0 + query_column0, key0 + warp_key0, lane);
+        probabilities_and_grads<kHasWindow, kBlockM, kBlockN>(
+            acc_s, acc_dp, lse_log2, delta, p, window, batch, head, query0, key0,
+            query0 + query_column0, key0 + warp_key0, lane);
         // This consumer's columns of Pᵀ and dSᵀ into the step's swizzled tiles; the other
         // consumer writes the rest. Those tiles were last read two steps ago, which the
         // barrier below of the previous step has ordered before these writes.
