@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# A/B of kernel variants in one device call: the working tree's build (A), then each
-# variant (a patch, applied to A alone and reverted after), then A again, each timed at the
-# same points, and one table of TFLOP/s at the end. Rebuilds are incremental (8-16 s on the
-# H100 machine); alternating with A shows the machine's drift, which reached 5% at 1k tokens
-# between two builds of one tree (2026-12-06). Run from the project root.
+# A/B of kernel variants in one device call: the working tree's build (A) and each variant
+# (a patch, applied to A alone and reverted after) built once into a wheel, then AB_ROUNDS
+# rounds that install each wheel in turn and time it at the same points, and one table of
+# TFLOP/s (mean over rounds, each variant also as a ratio to A) at the end. Installing a
+# wheel takes seconds where a rebuild took 11-79 s (2026-12-07: a patch to scores.cuh
+# rebuilds every kernel, and so does its revert), so the rounds can alternate freely; the
+# spread of A's rounds is the machine's drift, which reached 5% at 1k tokens between two
+# builds of one tree (2026-12-06). Run from the project root.
 #   AB_VARIANTS="uniform:.try/u.patch staged:.try/t.patch" \
 #   AB_POINTS="128:1024 2048:0 1;64:2048:1" bash benchmarks/ab_builds.sh
 # AB_POINTS: head_dim:seqlens:causal groups, ';'-separated. AB_MODES (default "fwd fwd_bwd").
-# AB_PEERS (default cudnn): timed beside A's first round only. The build must have run
-# once in this machine's tree (device_run.sh build), or the first build is from scratch.
+# AB_ROUNDS (default 2). AB_PEERS (default cudnn): timed beside A's first round only. The
+# build must have run once in this machine's tree (device_run.sh build), or the first build
+# is from scratch.
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
+WHEELS=${AB_WHEELS:-/tmp/jax_flash_ab_wheels}  # outside $OUT: the device tool would send them back
 mkdir -p "$OUT/ab"
+rm -rf "$WHEELS"
 ROOT=$(pwd)
 PY=${PY:-python3}
 
@@ -19,53 +25,75 @@ apply_patch() {  # apply_patch FILE [-R]: the whole patch or nothing (a dry run 
   patch -p1 -s --batch --dry-run ${2:-} < "$1" > /dev/null &&
     patch -p1 -s --batch --no-backup-if-mismatch ${2:-} < "$1"
 }
-build() {
+build() {  # build LABEL: the tree as it stands into $WHEELS/LABEL
   local start=$(date +%s)
-  CMAKE_BUILD_PARALLEL_LEVEL=16 JAX_FLASH_CUDA=ON $PY -m pip install --no-build-isolation --no-deps -v . \
-    > "$OUT/ab/build_$1.log" 2>&1 || { grep -E "error" "$OUT/ab/build_$1.log" | head -20; return 1; }
+  CMAKE_BUILD_PARALLEL_LEVEL=16 JAX_FLASH_CUDA=ON $PY -m pip wheel --no-build-isolation --no-deps -v \
+    -w "$WHEELS/$1" . > "$OUT/ab/build_$1.log" 2>&1 || { grep -E "error" "$OUT/ab/build_$1.log" | head -20; return 1; }
   echo "== $1 built in $(( $(date +%s) - start )) s"
 }
-bench() {  # bench LABEL IMPLS...
-  local label=$1 group d seqlens causal index=0
-  shift
+bench() {  # bench LABEL ROUND IMPLS...: LABEL's wheel installed, then timed
+  local label=$1 round=$2 group d seqlens causal index=0
+  shift 2
+  $PY -m pip install --no-deps --no-index --force-reinstall -q "$WHEELS/$label"/*.whl || return 1
   IFS=';' read -ra groups <<< "${AB_POINTS:-128:1024 2048:0 1}"
   for group in "${groups[@]}"; do
     IFS=: read -r d seqlens causal <<< "$group"
     (cd /tmp && $PY "$ROOT/benchmarks/bench_attention.py" --head-dims $d --seqlens $seqlens \
       --causal $causal --modes ${AB_MODES:-fwd fwd_bwd} --impls "$@" \
-      --json "$OUT/ab/$label.$index.json") 2>&1 | grep "d=" | sed "s/^/[$label] /"
+      --json "$OUT/ab/$label.$round.$index.json") 2>&1 | grep "d=" | sed "s/^/[$label $round] /"
     index=$((index + 1))
   done
 }
 
 build A || exit 1
-bench A jax_flash ${AB_PEERS-cudnn}
 labels="A"
 for variant in ${AB_VARIANTS:-}; do
   name=${variant%%:*} file=${variant#*:}
   apply_patch "$file" || { echo "!! $name: the patch does not apply"; continue; }
-  build "$name" && bench "$name" jax_flash && labels="$labels $name"
+  build "$name" && labels="$labels $name"
   apply_patch "$file" -R || { echo "!! $name: the patch does not revert"; exit 1; }
 done
-build A2 && bench A2 jax_flash && labels="$labels A2"
+for round in $(seq 1 "${AB_ROUNDS:-2}"); do
+  for label in $labels; do
+    if [ "$label" = A ] && [ "$round" = 1 ]; then
+      bench A 1 jax_flash ${AB_PEERS-cudnn}
+    else
+      bench "$label" "$round" jax_flash
+    fi
+  done
+done
+# The installed package must be the tree's again for whatever runs after.
+$PY -m pip install --no-deps --no-index --force-reinstall -q "$WHEELS/A"/*.whl
 
-# One row per point, one column per build (jax_flash), then the peers of A's round.
+# One row per point: each build's mean over its rounds (jax_flash), A's spread over its
+# rounds, each variant's ratio to A, then the peers of A's first round.
 $PY - "$OUT/ab" $labels <<'PY' | tee "$OUT/ab_table.txt"
-import glob, json, sys
+import glob, json, statistics, sys
 directory, labels = sys.argv[1], sys.argv[2:]
-table, peers = {}, set()
+runs, peers = {}, {}
 for label in labels:
     for path in glob.glob(f"{directory}/{label}.*.json"):
         for row in json.load(open(path)):
+            if not row.get("tflops"):
+                continue
             key = (row["head_dim"], row["seqlen"], row["causal"], row["mode"])
-            column = label if row["impl"] == "jax_flash" else row["impl"]
-            if column != label:
-                peers.add(column)
-            table.setdefault(key, {})[column] = row.get("tflops")
-columns = labels + sorted(peers)
+            if row["impl"] == "jax_flash":
+                runs.setdefault(key, {}).setdefault(label, []).append(row["tflops"])
+            else:
+                peers.setdefault(key, {})[row["impl"]] = row["tflops"]
+variants = labels[1:]
+peer_names = sorted({name for values in peers.values() for name in values})
+columns = labels + ["A spread"] + [f"{v}/A" for v in variants] + peer_names
 print("| point | " + " | ".join(columns) + " |")
 print("|---" * (len(columns) + 1) + "|")
-for (d, s, causal, mode), values in sorted(table.items()):
-    cells = [f"{values[c]:.1f}" if values.get(c) else "-" for c in columns]
+for key in sorted(runs):
+    d, s, causal, mode = key
+    values = runs[key]
+    mean = {label: statistics.mean(values[label]) for label in labels if label in values}
+    cells = [f"{mean[label]:.1f}" if label in mean else "-" for label in labels]
+    a = values.get("A", [])
+    cells.append(f"{100 * (max(a) - min(a)) / mean['A']:.1f}%" if len(a) > 1 else "-")
+    cells += [f"{mean[v] / mean['A']:.3f}" if v in mean and "A" in mean else "-" for v in variants]
+    cells += [f"{peers.get(key, {}).get(name, 0):.1f}" for name in peer_names]
     print(f"| d{d} {s} {'causal ' if causal else ''}{mode} | " + " | ".join(cells) + " |")
 PY
