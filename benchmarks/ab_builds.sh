@@ -17,7 +17,6 @@ set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
 WHEELS=${AB_WHEELS:-/tmp/jax_flash_ab_wheels}  # outside $OUT: the device tool would send them back
 mkdir -p "$OUT/ab"
-rm -rf "$WHEELS"
 ROOT=$(pwd)
 PY=${PY:-python3}
 
@@ -27,6 +26,7 @@ apply_patch() {  # apply_patch FILE [-R]: the whole patch or nothing (a dry run 
 }
 build() {  # build LABEL: the tree as it stands into $WHEELS/LABEL
   local start=$(date +%s)
+  rm -rf "$WHEELS/$1"  # a wheel left by an earlier call would be installed beside this one's
   CMAKE_BUILD_PARALLEL_LEVEL=16 JAX_FLASH_CUDA=ON $PY -m pip wheel --no-build-isolation --no-deps -v \
     -w "$WHEELS/$1" . > "$OUT/ab/build_$1.log" 2>&1 || { grep -E "error" "$OUT/ab/build_$1.log" | head -20; return 1; }
   echo "== $1 built in $(( $(date +%s) - start )) s"
@@ -94,6 +94,6 @@ for key in sorted(runs):
     a = values.get("A", [])
     cells.append(f"{100 * (max(a) - min(a)) / mean['A']:.1f}%" if len(a) > 1 else "-")
     cells += [f"{mean[v] / mean['A']:.3f}" if v in mean and "A" in mean else "-" for v in variants]
-    cells += [f"{peers.get(key, {}).get(name, 0):.1f}" for name in peer_names]
+    cells += [f"{peers[key][name]:.1f}" if name in peers.get(key, {}) else "-" for name in peer_names]
     print(f"| d{d} {s} {'causal ' if causal else ''}{mode} | " + " | ".join(cells) + " |")
 PY
