@@ -101,12 +101,12 @@ run_step() {
       while read -r spec; do
         (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims ${spec%%:*} \
           --seqlens ${spec#*:} --modes ${BENCH_MODES:-fwd fwd_bwd} --impls jax_flash cudnn fa3 \
-          --json "$OUT/bench_grid_d${spec%%:*}.json") 2>&1 | grep -E "device|d=" | tee -a "$OUT/bench_grid.log"
+          --json "$OUT/bench_grid_d${spec%%:*}.json") 2>&1 | grep --line-buffered -E "device|d=" | tee -a "$OUT/bench_grid.log"
       done <<< "${BENCH_GRID:-$'128:1024 2048 4096 8192 16384\n64:2048 8192\n256:2048 8192'}"
       [ "${BENCH_SM80:-1}" = 1 ] || return 0
       (cd /tmp && JAX_FLASH_CUDA_SM90=0 timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 \
         --seqlens 4096 16384 --modes ${BENCH_MODES:-fwd fwd_bwd} --impls jax_flash --tag _sm80 \
-        --json "$OUT/bench_grid_sm80.json") 2>&1 | grep "d=" | tee -a "$OUT/bench_grid.log"
+        --json "$OUT/bench_grid_sm80.json") 2>&1 | grep --line-buffered "d=" | tee -a "$OUT/bench_grid.log"
       ;;
     kernel-times)
       # Per-kernel durations of one fwd+bwd call, ours and FA3's (kernel_times.sh, carried
