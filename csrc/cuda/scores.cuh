@@ -14,6 +14,7 @@
 
 #include "common/attention_params.h"
 #include "cuda/fragments.cuh"
+#include "cuda/key_window.cuh"
 #include "cuda/ptx.cuh"
 
 namespace jax_flash::cuda {
@@ -56,42 +57,6 @@ struct ScoreTransform {
     }
     const int distance = query + diagonal_offset - key;
     return score - alibi_slope * static_cast<float>(distance < 0 ? -distance : distance);
-  }
-};
-
-// The window of the call in 32-bit indices (the launcher checks sequence lengths fit).
-struct KeyWindow {
-  int seqlen_k;
-  int diagonal_offset;  // the key aligned with query 0
-  int left;             // -1: unbounded
-  int right;            // -1: unbounded
-
-  __device__ __forceinline__ static KeyWindow make(const AttentionParams& p) {
-    return {static_cast<int>(p.seqlen_k), static_cast<int>(p.diagonal_offset),
-            static_cast<int>(p.window_left), static_cast<int>(p.window_right)};
-  }
-
-  template <bool kHasWindow>
-  __device__ __forceinline__ bool visible(int query, int key) const {
-    if (key >= seqlen_k) return false;
-    if constexpr (kHasWindow) {
-      const int diagonal = query + diagonal_offset;
-      if (left >= 0 && key < diagonal - left) return false;
-      if (right >= 0 && key > diagonal + right) return false;
-    }
-    return true;
-  }
-
-  // Whether some (query, key) of the queries [q0, q1) and keys [k0, k1) is not visible:
-  // only such boundary tiles pay for per-element masking.
-  template <bool kHasWindow>
-  __device__ __forceinline__ bool tile_needs_mask(int q0, int q1, int k0, int k1) const {
-    if (k1 > seqlen_k) return true;
-    if constexpr (kHasWindow) {
-      if (left >= 0 && k0 < q1 - 1 + diagonal_offset - left) return true;
-      if (right >= 0 && k1 - 1 > q0 + diagonal_offset + right) return true;
-    }
-    return false;
   }
 };
 
