@@ -21,8 +21,9 @@ def checker(tmp_path_factory):
     if compiler is None:
         pytest.skip("no C++ compiler on PATH (set CXX) to build the host check of key_window.cuh")
     binary = tmp_path_factory.mktemp("key_window") / "key_window_check"
-    subprocess.run([compiler, "-std=c++17", "-O2", f"-I{ROOT / 'csrc'}",
-                    str(SOURCE), "-o", str(binary)], check=True, capture_output=True, text=True)
+    build = subprocess.run([compiler, "-std=c++17", "-O2", f"-I{ROOT / 'csrc'}", str(SOURCE),
+                            "-o", str(binary)], capture_output=True, text=True)
+    assert build.returncode == 0, f"building {SOURCE.name} failed:\n{build.stderr}"
     return binary
 
 
