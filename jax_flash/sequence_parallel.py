@@ -97,27 +97,38 @@ def _piece_mode(offset, q_len, k_len, left, right):
     return "masked"
 
 
-def _plan(modes, pieces, left, right):
-    """Kernel calls covering the piece pairs of one (device, step); modes[(pq, pk)]."""
-    every = tuple(range(pieces))
+def _plan(modes, pieces, left, right, merge=True):
+    """Kernel calls covering the piece pairs of one (device, step); modes[(pq, pk)].
+
+    merge=False keeps one call per piece pair, each with its own diagonal: ALiBi's bias
+    counts the distance from it, which the two zigzag chunks of a device do not share."""
     visible = {pair for pair, (mode, _) in modes.items() if mode != "none"}
     if not visible:
         return ()
+    merged = _merged_call(modes, visible, pieces, left, right) if merge else None
+    if merged is not None:
+        return (merged,)
+    return tuple(
+        _Call((pq,), (pk,), mode == "masked", offset)
+        for (pq, pk), (mode, offset) in sorted(modes.items()) if mode != "none")
+
+
+def _merged_call(modes, visible, pieces, left, right):
+    """One call covering every visible piece pair, where one exists; else None."""
+    every = tuple(range(pieces))
     if all(modes[pair][0] == "all" for pair in visible):
         rows = tuple(sorted({pq for pq, _ in visible}))
         cols = tuple(sorted({pk for _, pk in visible}))
-        if {(r, c) for r in rows for c in cols} == visible:  # a full rectangle: one call
-            return (_Call(rows, cols, False, 0),)
-    if pieces == 2 and left < 0 and right == 0:
+        if {(r, c) for r in rows for c in cols} == visible:  # a full rectangle
+            return _Call(rows, cols, False, 0)
+    elif pieces == 2 and left < 0 and right == 0:
         # Causal on both pieces of the same device: the two-chunk block is lower-triangular
         # in local order, so one causal call on the whole block covers it.
         diagonal = {(p, p) for p in every}
         if (all(modes[pair] == ("masked", 0) for pair in diagonal)
                 and modes[(1, 0)][0] == "all" and modes[(0, 1)][0] == "none"):
-            return (_Call(every, every, True, 0),)
-    return tuple(
-        _Call((pq,), (pk,), mode == "masked", offset)
-        for (pq, pk), (mode, offset) in sorted(modes.items()) if mode != "none")
+            return _Call(every, every, True, 0)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +163,9 @@ class _Ring:
                         # Global bottom-right alignment, seen from the two chunks.
                         offset = cq * chunk_q + (self.seqlen_k - self.seqlen_q) - ck * chunk_k
                         mode = _piece_mode(offset, chunk_q, chunk_k, left, right)
-                        modes[(pq, pk)] = (mode, offset if mode == "masked" else 0)
-                plan = _plan(modes, pieces, left, right)
+                        keep = mode == "masked" or self.config.has_alibi
+                        modes[(pq, pk)] = (mode, offset if keep else 0)
+                plan = _plan(modes, pieces, left, right, merge=not self.config.has_alibi)
                 if plan not in plans:
                     plans.append(plan)
                 index.append(plans.index(plan))
@@ -161,10 +173,11 @@ class _Ring:
         return steps
 
     def call_config(self, call):
-        if not call.masked:
-            return dataclasses.replace(self.config, window_left=-1, window_right=-1,
-                                       diagonal_offset=0)
-        return dataclasses.replace(self.config, diagonal_offset=call.diagonal_offset)
+        # An unmasked call's diagonal is 0 unless ALiBi needs it (fewer distinct plans).
+        config = dataclasses.replace(self.config, diagonal_offset=call.diagonal_offset)
+        if call.masked:
+            return config
+        return dataclasses.replace(config, window_left=-1, window_right=-1)
 
 
 def _split(x, pieces, axis):
@@ -214,20 +227,21 @@ def _accumulate(total, part):
     return part if total is None else total + part
 
 
-def _ring_steps(ring, k, v, branch, after_step=None):
-    """Runs carry = branch(plan, k, v, *carry, first=...) at every step while k and v go
-    round, then after_step(carry). The first step has no carry: nothing is accumulated."""
+def _ring_steps(ring, blocks, branch, after_step=None):
+    """Runs carry = branch(plan, blocks, carry, first=...) at every step while the
+    key/value blocks (k, v and the keys' segment ids) go round, then after_step(carry).
+    The first step has no carry: nothing is accumulated yet."""
     n, carry = ring.num_devices, ()
     for step in range(n):
-        # Start passing the block on before computing with it, so the transfer overlaps.
+        # Start passing the blocks on before computing with them, so the transfer overlaps.
         if step + 1 < n:
-            next_k, next_v = _shift(k, ring), _shift(v, ring)
-        carry = _run_step(ring, step, (k, v) + tuple(carry),
+            next_blocks = jax.tree.map(functools.partial(_shift, ring=ring), blocks)
+        carry = _run_step(ring, step, (blocks, carry),
                           functools.partial(branch, first=step == 0))
         if after_step is not None:
             carry = after_step(carry)
         if step + 1 < n:
-            k, v = next_k, next_v
+            blocks = next_blocks
     return carry
 
 
@@ -235,41 +249,72 @@ def _join(pieces_list, axis):
     return pieces_list[0] if len(pieces_list) == 1 else jnp.concatenate(pieces_list, axis=axis)
 
 
-def _ring_forward(ring, q, k, v):
-    pieces = ring.pieces
-    q_pieces = _split(q, pieces, 1)
+@dataclasses.dataclass(frozen=True)
+class _Pieces:
+    """A device's query-side arrays cut into its chunks, and the per-call mask operands."""
 
-    def branch(plan, k, v, *carry, first):
+    ring: _Ring
+    q: list
+    slopes: jax.Array
+    q_segment_ids: list  # one per piece, or None
+
+    @classmethod
+    def make(cls, ring, q, slopes, q_segment_ids):
+        ids = None if q_segment_ids is None else _split(q_segment_ids, ring.pieces, 1)
+        return cls(ring, _split(q, ring.pieces, 1), slopes, ids)
+
+    def masks(self, call, seqlen_k, kv_segment_ids):
+        """The kernel's mask operands for one call of seqlen_k keys; kv_segment_ids: the
+        held block's (None without segment ids)."""
+        batch, num_heads = self.q[0].shape[0], self.q[0].shape[2]
+        if self.q_segment_ids is None:
+            seqlen_q = sum(self.q[i].shape[1] for i in call.q_pieces)
+            q_ids, kv_ids = _checks.placeholder_segment_ids(batch, seqlen_q, seqlen_k)
+        else:
+            q_ids = _take(self.q_segment_ids, call.q_pieces, 1)
+            kv_ids = _take(_split(kv_segment_ids, self.ring.pieces, 1), call.k_pieces, 1)
+        return self.slopes, q_ids, kv_ids, _checks.placeholder_seeds(batch, num_heads)
+
+
+def _ring_forward(ring, q, k, v, slopes, q_segment_ids, kv_segment_ids):
+    pieces = ring.pieces
+    local = _Pieces.make(ring, q, slopes, q_segment_ids)
+
+    def branch(plan, blocks, carry, first):
+        k, v, kv_ids = blocks
         out_acc, lse_acc = ([None] * pieces, [None] * pieces) if first else map(list, carry)
         k_pieces, v_pieces = _split(k, pieces, 1), _split(v, pieces, 1)
         for call in plan:
-            q_rows, k_rows = _take(q_pieces, call.q_pieces, 1), _take(k_pieces, call.k_pieces, 1)
+            k_rows = _take(k_pieces, call.k_pieces, 1)
             out, lse = _batching.forward_fn(ring.call_config(call))(
-                q_rows, k_rows, _take(v_pieces, call.k_pieces, 1),
-                *_checks.placeholder_masks(q.shape[0], q.shape[2], q_rows.shape[1], k_rows.shape[1]))
+                _take(local.q, call.q_pieces, 1), k_rows, _take(v_pieces, call.k_pieces, 1),
+                *local.masks(call, k_rows.shape[1], kv_ids))
             outs = _split(out, len(call.q_pieces), 1)
             lses = _split(lse, len(call.q_pieces), 2)
             for piece, o, l in zip(call.q_pieces, outs, lses):
                 out_acc[piece], lse_acc[piece] = _merge(out_acc[piece], lse_acc[piece], o, l)
-        for piece, x in enumerate(q_pieces):  # pieces no key has reached yet
+        for piece, x in enumerate(local.q):  # pieces no key has reached yet
             if out_acc[piece] is None:
                 out_acc[piece] = jnp.zeros(x.shape, jnp.float32)
                 lse_acc[piece] = jnp.full((x.shape[0], x.shape[2], x.shape[1]), -jnp.inf,
                                           jnp.float32)
         return tuple(out_acc), tuple(lse_acc)
 
-    out_acc, lse_acc = _ring_steps(ring, k, v, branch)
+    out_acc, lse_acc = _ring_steps(ring, (k, v, kv_segment_ids), branch)
     out, lse = _join(out_acc, 1), _join(lse_acc, 2)
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)  # the kernels' convention for empty rows
     return out.astype(q.dtype), lse
 
 
-def _ring_backward(ring, q, k, v, out, lse, dout, dlse):
+def _ring_backward(ring, q, k, v, slopes, q_segment_ids, kv_segment_ids, out, lse, dout,
+                   dlse):
     pieces = ring.pieces
-    q_pieces, out_pieces, dout_pieces = (_split(x, pieces, 1) for x in (q, out, dout))
+    local = _Pieces.make(ring, q, slopes, q_segment_ids)
+    out_pieces, dout_pieces = _split(out, pieces, 1), _split(dout, pieces, 1)
     lse_pieces, dlse_pieces = _split(lse, pieces, 2), _split(dlse, pieces, 2)
 
-    def branch(plan, k, v, *carry, first):
+    def branch(plan, blocks, carry, first):
+        k, v, kv_ids = blocks
         if first:
             dq_acc, dk_acc, dv_acc = [None] * pieces, [None] * pieces, [None] * pieces
         else:
@@ -278,11 +323,11 @@ def _ring_backward(ring, q, k, v, out, lse, dout, dlse):
         k_pieces, v_pieces = _split(k, pieces, 1), _split(v, pieces, 1)
         for call in plan:
             rows = lambda xs, axis=1: _take(xs, call.q_pieces, axis)  # noqa: E731
-            q_rows, k_rows = rows(q_pieces), _take(k_pieces, call.k_pieces, 1)
+            k_rows = _take(k_pieces, call.k_pieces, 1)
             dq, dk, dv = _batching.backward_fn(ring.call_config(call))(
-                q_rows, k_rows, _take(v_pieces, call.k_pieces, 1), rows(out_pieces),
+                rows(local.q), k_rows, _take(v_pieces, call.k_pieces, 1), rows(out_pieces),
                 rows(dout_pieces), rows(lse_pieces, 2), rows(dlse_pieces, 2),
-                *_checks.placeholder_masks(q.shape[0], q.shape[2], q_rows.shape[1], k_rows.shape[1]))
+                *local.masks(call, k_rows.shape[1], kv_ids))
             for piece, g in zip(call.q_pieces, _split(dq, len(call.q_pieces), 1)):
                 dq_acc[piece] = _accumulate(dq_acc[piece], g)
             for piece, gk, gv in zip(call.k_pieces, _split(dk, len(call.k_pieces), 1),
@@ -292,7 +337,7 @@ def _ring_backward(ring, q, k, v, out, lse, dout, dlse):
         fill = lambda accs, like: [  # noqa: E731
             jnp.zeros(x.shape, jnp.float32) if a is None else a for a, x in zip(accs, like)]
         dk_acc, dv_acc = fill(dk_acc, k_pieces), fill(dv_acc, v_pieces)
-        return tuple(fill(dq_acc, q_pieces)), _join(dk_acc, 1), _join(dv_acc, 1)
+        return tuple(fill(dq_acc, local.q)), _join(dk_acc, 1), _join(dv_acc, 1)
 
     def after_step(carry):
         # The gradient accumulators travel with their blocks; after the last step one more
@@ -301,7 +346,7 @@ def _ring_backward(ring, q, k, v, out, lse, dout, dlse):
         return dq_acc, _shift(dk_acc, ring), _shift(dv_acc, ring)
 
     dq_acc, dk_acc, dv_acc = _ring_steps(
-        ring, k, v, branch, after_step if ring.num_devices > 1 else None)
+        ring, (k, v, kv_segment_ids), branch, after_step if ring.num_devices > 1 else None)
     return _join(dq_acc, 1).astype(q.dtype), dk_acc.astype(k.dtype), dv_acc.astype(v.dtype)
 
 
@@ -324,22 +369,26 @@ def _varying_axes(x):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _ring_attention(ring, q, k, v):
-    out, lse = _ring_forward(ring, q, k, v)
+def _ring_attention(ring, q, k, v, masks):
+    """masks: (ALiBi slopes (batch, num_heads) float32, q and kv segment ids or None)."""
+    out, lse = _ring_forward(ring, q, k, v, *masks)
     return _vary_like(out, q), _vary_like(lse, q)
 
 
-def _ring_attention_fwd(ring, q, k, v):
-    out, lse = _ring_attention(ring, q, k, v)
-    return (out, lse), (q, k, v, out, lse)
+def _ring_attention_fwd(ring, q, k, v, masks):
+    out, lse = _ring_attention(ring, q, k, v, masks)
+    return (out, lse), (q, k, v, masks, out, lse)
 
 
 def _ring_attention_bwd(ring, residuals, cotangents):
-    q, k, v, out, lse = residuals
+    q, k, v, masks, out, lse = residuals
     dout, dlse = cotangents
-    grads = _ring_backward(ring, q, k, v, out, lse, dout.astype(out.dtype),
+    grads = _ring_backward(ring, q, k, v, *masks, out, lse, dout.astype(out.dtype),
                            dlse.astype(jnp.float32))
-    return tuple(_vary_like(g, x) for g, x in zip(grads, (q, k, v)))
+    grads = tuple(_vary_like(g, x) for g, x in zip(grads, (q, k, v)))
+    # The slopes are constants (stop_gradient in ring_attention); the ids are integers.
+    slopes = masks[0]
+    return grads + ((jnp.zeros_like(slopes), None, None),)
 
 
 _ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
@@ -369,20 +418,27 @@ def _check_local_lengths(function, layout, num_devices, seqlen_q, seqlen_k):
 
 
 def ring_attention(q, k, v, axis_name, *, causal=False, softmax_scale=None,
-                   window_size=(-1, -1), softcap=0.0, layout="zigzag", return_lse=False):
+                   window_size=(-1, -1), softcap=0.0, alibi_slopes=None, layout="zigzag",
+                   return_lse=False, q_segment_ids=None, kv_segment_ids=None):
     """Attention over a sequence sharded on ``axis_name``, for use inside ``shard_map``.
 
     q: (batch, seqlen_q / n, num_heads, head_dim) and k, v: (batch, seqlen_k / n,
     num_heads_kv, head_dim) on each of the n devices of the axis, in the sharded order of
-    ``sequence_permutation(seqlen, n, layout)``. Masks are those of flash_attn_func on the
-    whole sequence (bottom-right aligned when the global lengths differ). Returns the
-    local output (and its lse, (batch, num_heads, seqlen_q / n) float32). No device ever
-    holds more than its own block and one travelling key/value block.
+    ``sequence_permutation(seqlen, n, layout)``. Masks, ALiBi and segment ids are those of
+    flash_attn_func on the whole sequence (bottom-right aligned when the global lengths
+    differ): alibi_slopes (num_heads,) or (batch, num_heads) for all heads; the segment ids
+    are the local (batch, seqlen / n) blocks, sharded like q and k, and the kv ids travel
+    with k and v. Returns the local output (and its lse, (batch, num_heads, seqlen_q / n)
+    float32). No device ever holds more than its own block and one travelling key/value
+    block.
     """
     _check_layout(layout)
     num_devices = _axis_size(axis_name, "ring_attention")
     batch, seqlen_q, num_heads, head_dim, seqlen_k, _ = _checks.check_qkv(q, k, v)
     _check_local_lengths("ring_attention", layout, num_devices, seqlen_q, seqlen_k)
+    slopes = _checks.check_alibi_slopes(alibi_slopes, batch, num_heads)
+    has_segment_ids, q_ids, kv_ids = _checks.check_segment_ids(
+        q_segment_ids, kv_segment_ids, batch, seqlen_q, seqlen_k)
     # Sides no distance in the whole sequence reaches become unbounded (exactly equivalent,
     # and no overflow in the kernels' index arithmetic).
     window_left, window_right = _checks.drop_idle_window_sides(
@@ -393,11 +449,15 @@ def ring_attention(q, k, v, axis_name, *, causal=False, softmax_scale=None,
         window_left=window_left,
         window_right=window_right,
         diagonal_offset=0,
-        has_alibi=False,
+        has_alibi=slopes is not None,
+        has_segment_ids=has_segment_ids,
     )
     ring = _Ring(config, axis_name, num_devices, layout, seqlen_q * num_devices,
                  seqlen_k * num_devices)
-    out, lse = _ring_attention(ring, q, k, v)
+    slopes = (jnp.zeros((batch, num_heads), jnp.float32) if slopes is None
+              else lax.stop_gradient(slopes))
+    masks = (slopes, q_ids, kv_ids) if has_segment_ids else (slopes, None, None)
+    out, lse = _ring_attention(ring, q, k, v, masks)
     return (out, lse) if return_lse else out
 
 
@@ -409,6 +469,14 @@ def _to_heads(x, axis_name, num_devices, layout):
     return x
 
 
+def _gathered(ids, axis_name, num_devices, layout):
+    """(b, s/n) sequence-sharded segment ids -> (b, s) on every device, in global order."""
+    ids = lax.all_gather(ids, axis_name, axis=1, tiled=True)
+    if _chunks_per_device(layout, num_devices) > 1:
+        ids = ids[:, np.argsort(sequence_permutation(ids.shape[1], num_devices, layout))]
+    return ids
+
+
 def _to_sequence(x, axis_name, num_devices, layout):
     if _chunks_per_device(layout, num_devices) > 1:
         x = x[:, sequence_permutation(x.shape[1], num_devices, layout)]
@@ -417,7 +485,7 @@ def _to_sequence(x, axis_name, num_devices, layout):
 
 def ulysses_attention(q, k, v, axis_name, *, causal=False, softmax_scale=None,
                       window_size=(-1, -1), softcap=0.0, alibi_slopes=None, layout="zigzag",
-                      return_lse=False):
+                      return_lse=False, q_segment_ids=None, kv_segment_ids=None):
     """Attention over a sequence sharded on ``axis_name`` by trading it for heads (Ulysses).
 
     Same inputs and outputs as ring_attention. An all-to-all gives each device the whole
@@ -425,7 +493,8 @@ def ulysses_attention(q, k, v, axis_name, *, causal=False, softmax_scale=None,
     runs locally, and a second all-to-all restores the sequence sharding. num_heads must be
     divisible by n, and num_heads_kv must divide or be divisible by n (fewer key/value
     heads than devices are repeated so that each device gets the one its queries use).
-    alibi_slopes, if given, are (num_heads,) or (batch, num_heads) for all heads.
+    alibi_slopes, if given, are (num_heads,) or (batch, num_heads) for all heads. Segment
+    ids are the local (batch, seqlen / n) blocks; each device gathers the whole rows.
     """
     _check_layout(layout)
     num_devices = _axis_size(axis_name, "ulysses_attention")
@@ -442,6 +511,12 @@ def ulysses_attention(q, k, v, axis_name, *, causal=False, softmax_scale=None,
     if num_heads_kv < num_devices:
         k, v = (jnp.repeat(x, num_devices // num_heads_kv, axis=2) for x in (k, v))
     slopes = _checks.check_alibi_slopes(alibi_slopes, batch, num_heads)
+    has_segment_ids, q_ids, kv_ids = _checks.check_segment_ids(
+        q_segment_ids, kv_segment_ids, batch, seqlen_q, seqlen_k)
+    if has_segment_ids:
+        q_ids, kv_ids = (_gathered(ids, axis_name, num_devices, layout) for ids in (q_ids, kv_ids))
+    else:
+        q_ids = kv_ids = None
     if slopes is not None:
         per_device = num_heads // num_devices
         slopes = lax.dynamic_slice_in_dim(
@@ -450,7 +525,8 @@ def ulysses_attention(q, k, v, axis_name, *, causal=False, softmax_scale=None,
                                  layout=layout)
     out, lse = flash_attn_func(
         to_heads(q), to_heads(k), to_heads(v), softmax_scale=softmax_scale, causal=causal,
-        window_size=window_size, softcap=softcap, alibi_slopes=slopes, return_lse=True)
+        window_size=window_size, softcap=softcap, alibi_slopes=slopes, return_lse=True,
+        q_segment_ids=q_ids, kv_segment_ids=kv_ids)
     out = _to_sequence(out, axis_name, num_devices, layout)
     if not return_lse:
         return out
@@ -465,17 +541,33 @@ def sequence_parallel_attention(q, k, v, mesh, axis_name, *, method="ring", batc
 
     q, k, v: global (batch, seqlen, heads, head_dim) arrays in sharded order (permute them
     with ``sequence_permutation``); the sequence axis is split over ``axis_name`` of
-    ``mesh`` and, if given, the batch over ``batch_axis``. kwargs go to the method.
-    Returns global arrays in the same order and sharding.
+    ``mesh`` and, if given, the batch over ``batch_axis``. kwargs go to the method; the
+    global segment ids (batch, seqlen), in the same order, are split like q, k and v, and
+    (batch, num_heads) ALiBi slopes like the batch. Returns global arrays in the same
+    order and sharding.
     """
     methods = {"ring": ring_attention, "ulysses": ulysses_attention}
     if method not in methods:
         raise ValueError(f"method must be one of {tuple(methods)}, got {method!r}")
     if axis_name not in mesh.axis_names:
         raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
-    spec = jax.sharding.PartitionSpec(batch_axis, axis_name, None, None)
-    lse_spec = jax.sharding.PartitionSpec(batch_axis, None, axis_name)
-    out_specs = (spec, lse_spec) if kwargs.get("return_lse") else spec
-    fn = functools.partial(methods[method], axis_name=axis_name, **kwargs)
-    return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec), out_specs=out_specs,
-                         check_vma=False)(q, k, v)
+    P = jax.sharding.PartitionSpec
+    spec = P(batch_axis, axis_name, None, None)
+    out_specs = (spec, P(batch_axis, None, axis_name)) if kwargs.get("return_lse") else spec
+    # Array keywords enter the shard_map as arguments, each with its sharding.
+    names, arrays, in_specs = [], [q, k, v], [spec, spec, spec]
+    for name in ("alibi_slopes", "q_segment_ids", "kv_segment_ids"):
+        value = kwargs.pop(name, None)
+        if value is None:
+            continue
+        split = P(batch_axis, None if name == "alibi_slopes" else axis_name)
+        in_specs.append(split if jnp.ndim(value) == 2 else P())  # else: the method's error
+        names.append(name)
+        arrays.append(value)
+
+    def fn(q, k, v, *values):
+        return methods[method](q, k, v, axis_name=axis_name, **kwargs,
+                               **dict(zip(names, values)))
+
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs,
+                         check_vma=False)(*arrays)

@@ -32,14 +32,14 @@ def mesh_of(num_devices):
 
 
 @functools.lru_cache(maxsize=None)
-def parallel_fn(method, num_devices, layout, mask_name, with_alibi=False):
+def parallel_fn(method, num_devices, layout, mask_name, extra_names=()):
+    """The jitted method on global arrays; extra_names: array keywords passed after v."""
     mesh = mesh_of(num_devices)
     kwargs = dict(MASKS[mask_name], layout=layout, return_lse=True)
 
-    def run(q, k, v, *slopes):
-        extra = dict(alibi_slopes=slopes[0]) if slopes else {}
+    def run(q, k, v, *extra):
         return jf.sequence_parallel_attention(q, k, v, mesh, "sp", method=method, **kwargs,
-                                              **extra)
+                                              **dict(zip(extra_names, extra)))
 
     return jax.jit(run)
 
@@ -57,19 +57,47 @@ def losses(fn, perm=None):
     return loss
 
 
+def packed_segment_ids(rng, batch, seqlen, documents, shuffled=False):
+    """(batch, seqlen) int32 ids of `documents` packed documents of random lengths per row
+    (sorted ids), or, shuffled, ids drawn at random per position."""
+    if shuffled:
+        return jnp.asarray(rng.integers(0, documents, (batch, seqlen)), jnp.int32)
+    rows = []
+    for _ in range(batch):
+        cuts = np.sort(rng.choice(np.arange(1, seqlen), documents - 1, replace=False))
+        rows.append(np.searchsorted(cuts, np.arange(seqlen), side="right"))
+    return jnp.asarray(np.stack(rows), jnp.int32)
+
+
+def extra_arrays(seed, shape, with_alibi, segments):
+    """Global array keywords: ALiBi slopes (with_alibi: "heads" or "batch") and segment ids
+    (segments: None, "packed" or "shuffled")."""
+    batch, seqlen_q, seqlen_k, heads = shape[:4]
+    extra = {}
+    if with_alibi:
+        extra["alibi_slopes"] = alibi_slopes_for(heads, batch if with_alibi == "batch" else None)
+    if segments:
+        rng, shuffled = np.random.default_rng(seed + 2), segments == "shuffled"
+        extra["q_segment_ids"] = packed_segment_ids(rng, batch, seqlen_q, 3, shuffled)
+        extra["kv_segment_ids"] = (extra["q_segment_ids"] if seqlen_q == seqlen_k else
+                                   packed_segment_ids(rng, batch, seqlen_k, 3, shuffled))
+    return extra
+
+
 def check(method, num_devices, layout, mask_name, shape, dtype=jnp.float32, seed=0,
-          with_alibi=False):
+          with_alibi=None, segments=None):
     batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim = shape
     q, k, v = random_qkv(seed, *shape, dtype)
     perm_q = jf.sequence_permutation(seqlen_q, num_devices, layout)
     perm_k = jf.sequence_permutation(seqlen_k, num_devices, layout)
-    kwargs = dict(MASKS[mask_name])
-    extra = (alibi_slopes_for(heads),) if with_alibi else ()
-    if with_alibi:
-        kwargs["alibi_slopes"] = extra[0]
-    fn = parallel_fn(method, num_devices, layout, mask_name, with_alibi)
+    extra = extra_arrays(seed, shape, with_alibi, segments)
+    kwargs = dict(MASKS[mask_name], **extra)
+    # The ids follow the sequence into the sharded order; the slopes are per head.
+    order = {"q_segment_ids": perm_q, "kv_segment_ids": perm_k}
+    sharded = tuple(x[:, order[name]] if name in order else x for name, x in extra.items())
+    fn = parallel_fn(method, num_devices, layout, mask_name, tuple(extra))
 
-    out, lse = fn(q[:, perm_q], k[:, perm_k], v[:, perm_k], *extra)
+    out, lse = fn(q[:, perm_q], k[:, perm_k], v[:, perm_k], *sharded)
     inverse = np.argsort(perm_q)
     out, lse = out[:, inverse], lse[:, :, inverse]
     assert out.dtype == q.dtype and lse.shape == (batch, heads, seqlen_q)
@@ -84,7 +112,7 @@ def check(method, num_devices, layout, mask_name, shape, dtype=jnp.float32, seed
     out_cot = jnp.asarray(rng.standard_normal(q.shape))[:, perm_q]
     lse_cot = jnp.asarray(rng.standard_normal(lse.shape))[:, :, perm_q]
     grads = jax.jit(jax.grad(losses(fn), argnums=(0, 1, 2)))(
-        q[:, perm_q], k[:, perm_k], v[:, perm_k], out_cot, lse_cot, *extra)
+        q[:, perm_q], k[:, perm_k], v[:, perm_k], out_cot, lse_cot, *sharded)
     single = lambda q, k, v: reference(q, k, v, return_lse=True, **kwargs)  # noqa: E731
     grad_ref = jax.jit(jax.grad(losses(single, perm_q), argnums=(0, 1, 2)))
     exact_grads = grad_ref(*map(to64, (q, k, v)), out_cot, lse_cot)
@@ -135,7 +163,33 @@ def test_ulysses(layout, mask_name):
 
 def test_ulysses_more_devices_than_kv_heads_with_alibi():
     check("ulysses", 4, "zigzag", "causal_window_softcap", (2, 64, 64, 8, 2, 16),
-          with_alibi=True)
+          with_alibi="heads")
+
+
+@pytest.mark.parametrize("mask_name", ["none", "causal", "causal_window_softcap"])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_ring_alibi(layout, mask_name):
+    # Every block pair keeps its own diagonal, from which the bias counts the distance.
+    check("ring", 4, layout, mask_name, GQA, with_alibi="batch")
+
+
+def test_ring_alibi_unequal_lengths():
+    check("ring", 4, "zigzag", "causal", (2, 48, 96, 2, 1, 16), with_alibi="heads")
+
+
+@pytest.mark.parametrize("segments", ["packed", "shuffled"])
+@pytest.mark.parametrize("mask_name", ["none", "causal", "window"])
+@pytest.mark.parametrize("method,layout", [("ring", "zigzag"), ("ring", "contiguous"),
+                                           ("ulysses", "zigzag")])
+def test_segment_ids(method, layout, mask_name, segments):
+    check(method, 4, layout, mask_name, (2, 64, 64, 4, 2, 16), segments=segments)
+
+
+@pytest.mark.parametrize("method", ["ring", "ulysses"])
+def test_segment_ids_unequal_lengths_with_alibi(method):
+    # Cross attention: query documents whose ids meet no visible key get empty rows.
+    check(method, 2, "zigzag", "causal", (2, 48, 96, 4, 2, 16), with_alibi="heads",
+          segments="packed")
 
 
 def test_ring_inside_users_shard_map_with_vma_checks():
@@ -214,6 +268,21 @@ def test_errors():
     q, k, v = random_qkv(0, 1, 32, 32, 4, 3, 16, jnp.float32)
     with pytest.raises(ValueError, match="must be a multiple of the number of key/value heads"):
         jf.sequence_parallel_attention(q, k, v, mesh, "sp")
+    q, k, v = random_qkv(0, 1, 32, 32, 4, 2, 16, jnp.float32)
+    ids = jnp.zeros((1, 32), jnp.int32)
+    for method in ("ring", "ulysses"):
+        with pytest.raises(ValueError, match="must be given together"):
+            jf.sequence_parallel_attention(q, k, v, mesh, "sp", method=method, q_segment_ids=ids)
+        with pytest.raises(ValueError, match=r"kv_segment_ids must have shape \(batch, seqlen_k\)"
+                                             r" = \(1, 8\), got \(2, 8\)"):
+            jf.sequence_parallel_attention(q, k, v, mesh, "sp", method=method, q_segment_ids=ids,
+                                           kv_segment_ids=jnp.zeros((2, 32), jnp.int32))
+        with pytest.raises(TypeError, match="alibi_slopes must be float32"):
+            jf.sequence_parallel_attention(q, k, v, mesh, "sp", method=method,
+                                           alibi_slopes=jnp.ones((4,), jnp.float16))
+        with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+            jf.sequence_parallel_attention(q, k, v, mesh, "sp", method=method,
+                                           alibi_slopes=jnp.ones((3,), jnp.float32))
 
 
 def test_pmap_users():
