@@ -142,6 +142,18 @@ def _fallback_reason(query, head_dim, scale_value, bias, mask, query_seq_lengths
     return None
 
 
+def kernels_take(query, mask=None) -> bool:
+    """Whether the kernels compute attention of ``query`` (its dtype, head dim and the
+    platform; default scale) under ``mask``; where they do not, the one-time FallbackWarning
+    says why. For callers with their own kernel path, such as the Flax layer's decode steps."""
+    head_dim = query.shape[-1]
+    reason = _fallback_reason(query, head_dim, _static_scale(None, head_dim), None, mask, None,
+                              None, None)
+    if reason is not None:
+        _warn_fallback_once(reason)
+    return reason is None
+
+
 def _empty_query_rows(seqlen_q, seqlen_k, window_left):
     """Query rows that see no key under top-left alignment: rows i with i - left > S - 1.
 

@@ -191,23 +191,49 @@ def test_bad_configuration():
         layer(jnp.ones((1, 1, 8)), decode=True)
 
 
-@pytest.mark.parametrize("prefill", [5, 1])
-@pytest.mark.parametrize("extra", [dict(), dict(num_kv_heads=1, window_size=(2, -1), softcap=3.0)])
-def test_decode_equals_the_full_causal_forward(prefill, extra):
-    layer = MultiHeadAttention(num_heads=2, in_features=8, causal=True, rngs=nnx.Rngs(0), **extra)
-    tokens = _inputs(10, 2, 8, 8)
-    full = layer(tokens)
+def _decode_in_chunks(layer, tokens, prefill, chunk, **call_kwargs):
+    """The layer's decode calls over tokens: a prefill, then chunks of `chunk` tokens."""
     layer.init_cache(tokens.shape)
 
     @nnx.jit
-    def step(layer, chunk):
-        return layer(chunk, decode=True)
+    def step(layer, piece):
+        return layer(piece, decode=True, **call_kwargs)
 
-    pieces = [step(layer, tokens[:, :prefill])]
-    for position in range(prefill, tokens.shape[1]):
-        pieces.append(step(layer, tokens[:, position:position + 1]))
-    decoded = jnp.concatenate(pieces, axis=1)
+    starts = [0, *range(prefill, tokens.shape[1], chunk)]
+    ends = [*starts[1:], tokens.shape[1]]
+    decoded = jnp.concatenate([step(layer, tokens[:, a:b]) for a, b in zip(starts, ends)], axis=1)
     assert int(layer.cache_index[...]) == tokens.shape[1]
+    return decoded
+
+
+@pytest.mark.parametrize("prefill,chunk", [(5, 1), (1, 1), (4, 3)])
+@pytest.mark.parametrize("extra", [dict(), dict(num_kv_heads=1, window_size=(2, -1), softcap=3.0)])
+def test_decode_equals_the_full_causal_forward(prefill, chunk, extra, monkeypatch):
+    layer = MultiHeadAttention(num_heads=2, in_features=8, causal=True, rngs=nnx.Rngs(0), **extra)
+    tokens = _inputs(10, 2, 11, 8)
+    full = layer(tokens)
+    # The steps after the prefill run the KV-cache kernel, not the jnp fallback.
+    import jax_flash.layers.flax as flax_layer
+
+    calls = []
+    monkeypatch.setattr(flax_layer, "flash_attn_with_kvcache",
+                        lambda *a, **k: calls.append(k) or jf.flash_attn_with_kvcache(*a, **k))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", jf.FallbackWarning)
+        decoded = _decode_in_chunks(layer, tokens, prefill, chunk)
+    assert calls and all(call["causal"] for call in calls)
+    np.testing.assert_allclose(decoded, full, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_with_a_mask_falls_back_and_matches_the_masked_forward():
+    layer = MultiHeadAttention(num_heads=2, in_features=8, causal=True, rngs=nnx.Rngs(0))
+    tokens = _inputs(11, 2, 9, 8)
+    # A mask over cache slots that hides slot 2 from every query (with causal on top).
+    mask = jnp.arange(9) != 2
+    full = layer(tokens, mask=mask[None, None, None, :])
+    jf.nn._warned_reasons.clear()
+    with pytest.warns(jf.FallbackWarning, match="mask"):
+        decoded = _decode_in_chunks(layer, tokens, 4, 1, mask=mask[None, None, None, :])
     np.testing.assert_allclose(decoded, full, rtol=1e-5, atol=1e-5)
 
 

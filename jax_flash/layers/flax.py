@@ -30,7 +30,8 @@ except ImportError as error:  # pragma: no cover - exercised only without flax i
     ) from error
 
 from jax_flash import _checks
-from jax_flash.nn import NO_DROPOUT, Dropout, attend, window_to_local_window
+from jax_flash.kvcache import flash_attn_with_kvcache
+from jax_flash.nn import NO_DROPOUT, Dropout, attend, kernels_take, window_to_local_window
 
 _default_kernel_init = nnx.initializers.lecun_normal()
 _NO_METADATA = MappingProxyType({})
@@ -45,13 +46,13 @@ def _first_set(*values):
 
 def cached_attention(query, cached_key, cached_value, first_position, *, scale, softcap,
                      window_left, mask=None):
-    """Plain jnp attention of new queries over a KV cache (the decode step).
+    """Plain jnp attention of new queries over a KV cache: the decode step where the
+    kernels cannot run it (a dense mask, float32 on a GPU).
 
     query: (batch, new, num_heads, head_dim) at absolute positions first_position + t;
     cached_key / cached_value: (batch, max_length, num_kv_heads, head_dim), already holding
     the new keys. Query t sees cache slot j iff j <= first_position + t (and within the
-    window). ``first_position`` is traced, which the kernels' static masks cannot take; one
-    query row over the cache is memory-bound, so plain attention costs little here.
+    window).
     """
     batch, new, num_heads, head_dim = query.shape
     max_length, num_kv_heads = cached_key.shape[1], cached_key.shape[2]
@@ -110,11 +111,13 @@ class MultiHeadAttention(nnx.Module):
       - ``sow_weights=True`` raises NotImplementedError: the kernels never form the weights.
       - Decode (``init_cache`` then ``decode=True``): each call appends its tokens to the
         cache at ``cache_index`` and attends causally over the cache (query t sees slots up
-        to its own position). A call that starts at index 0 (the prefill) runs the kernels
-        on its own tokens; a later call (usually one token) runs plain jnp attention over
-        the cache, because its start index is a traced value that the kernels' static masks
-        cannot take; for one query row that step is memory-bound anyway. Unlike nnx,
-        a decode call may hold several tokens.
+        to its own position). A call that starts at index 0 (the prefill) runs the
+        attention kernels on its own tokens; a later call (usually one token) runs
+        ``flash_attn_with_kvcache`` over the cache's first ``cache_index`` slots, which
+        takes the traced index as the row's key count. With a ``mask`` (or where the
+        kernels do not take the dtype) it runs plain jnp attention over the cache instead,
+        with the one-time FallbackWarning. Unlike nnx, a decode call may hold several
+        tokens.
     """
 
     def __init__(
@@ -350,14 +353,22 @@ class MultiHeadAttention(nnx.Module):
             mask = flat(jnp.broadcast_to(mask, batch_shape + mask.shape[-3:]))
 
         all_keys, all_values = self.cached_key[...], self.cached_value[...]
+        scale = 1.0 / float(np.sqrt(self.head_dim))
 
         def over_cache(query):
-            return cached_attention(
-                flat(query), flat(all_keys).astype(query.dtype),
-                flat(all_values).astype(query.dtype), first_position,
-                scale=1.0 / float(np.sqrt(self.head_dim)), softcap=self.softcap,
-                window_left=self.window_size[0], mask=mask,
-            ).reshape(query.shape)
+            keys, values = (flat(x).astype(query.dtype) for x in (all_keys, all_values))
+            if kernels_take(query, mask):
+                # Causal from the bottom right of the row's first_position + new keys: query
+                # t sees slots up to first_position + t, as below.
+                key_counts = jnp.full((keys.shape[0],), first_position + new, jnp.int32)
+                out = flash_attn_with_kvcache(
+                    flat(query), keys, values, cache_seqlens=key_counts, softmax_scale=scale,
+                    causal=True, window_size=(self.window_size[0], 0), softcap=self.softcap)
+            else:
+                out = cached_attention(
+                    flat(query), keys, values, first_position, scale=scale,
+                    softcap=self.softcap, window_left=self.window_size[0], mask=mask)
+            return out.reshape(query.shape)
 
         if new == 1 or mask is not None:
             return over_cache(query)
