@@ -166,25 +166,66 @@ def _empty_query_rows(seqlen_q, seqlen_k, window_left):
     return rows - window_left > seqlen_k - 1
 
 
-def _kernel_path(query, key, value, scale_value, is_causal, window, softcap, dropout):
+def _kernel_path(query, key, value, scale_value, is_causal, window, softcap, dropout,
+                 segment_ids=None):
     """4-D inputs, top-left aligned masks, XLA's value for rows that see no key."""
     seqlen_q, num_heads = query.shape[1], query.shape[2]
     seqlen_k, num_heads_kv = key.shape[1], key.shape[2]
     left, right = (-1, -1) if window is None else window
-    out = _kernel_attention(
+    q_ids, kv_ids = (None, None) if segment_ids is None else segment_ids
+    result = _kernel_attention(
         query, key, value, softmax_scale=scale_value, causal=bool(is_causal),
         window_size=(left, right), softcap=softcap, diagonal_offset=0, dropout_p=dropout.rate,
         dropout_key=dropout.key, dropout_broadcast_batch=dropout.broadcast_batch,
+        q_segment_ids=q_ids, kv_segment_ids=kv_ids, return_lse=segment_ids is not None,
     )
-    empty = _empty_query_rows(seqlen_q, seqlen_k, left)
-    if empty.any():
-        # jax.nn.dot_product_attention fills masked scores with one large finite negative
-        # number, so a row with no visible key softmaxes to a uniform average of all values
-        # (our kernels return 0 there). Reproduce that average so the swap is exact.
-        uniform = jnp.mean(value.astype(jnp.float32), axis=1, keepdims=True)
-        uniform = jnp.repeat(uniform, num_heads // num_heads_kv, axis=2).astype(out.dtype)
-        out = jnp.where(jnp.asarray(empty)[None, :, None, None], uniform, out)
-    return out
+    # jax.nn.dot_product_attention fills masked scores with one large finite negative
+    # number, so a row with no visible key softmaxes to a uniform average of all values
+    # (our kernels return 0 there). Reproduce that average so the swap is exact. Without
+    # segment ids only the window empties rows, known at trace time; with them the kernels'
+    # lse says which rows saw nothing (+inf).
+    if segment_ids is None:
+        out = result
+        empty = _empty_query_rows(seqlen_q, seqlen_k, left)
+        if not empty.any():
+            return out
+        empty = jnp.asarray(empty)[None, :, None, None]
+    else:
+        out, lse = result
+        empty = jnp.isinf(jnp.swapaxes(lse, 1, 2))[..., None]
+    uniform = jnp.mean(value.astype(jnp.float32), axis=1, keepdims=True)
+    uniform = jnp.repeat(uniform, num_heads // num_heads_kv, axis=2).astype(out.dtype)
+    return jnp.where(empty, uniform, out)
+
+
+def _check_layer_segment_ids(segment_ids, query, key):
+    """attend's segment_ids as int32 (batch, seqlen) pairs for 4-D inputs, or None."""
+    if segment_ids is None:
+        return None
+    if not isinstance(segment_ids, (tuple, list)) or len(segment_ids) != 2:
+        raise TypeError(f"segment_ids must be a pair (q_segment_ids, kv_segment_ids), got "
+                        f"{type(segment_ids).__name__}")
+    q_ids, kv_ids = segment_ids
+    if query.ndim == 3:  # unbatched: (seqlen,) ids
+        for name, ids, x in (("q_segment_ids", q_ids, query), ("kv_segment_ids", kv_ids, key)):
+            shape = _checks.array_shape(ids, name)
+            if shape != x.shape[:1]:
+                raise ValueError(f"{name} must have shape (seqlen,) = {x.shape[:1]} for "
+                                 f"unbatched inputs, got {shape}")
+        q_ids, kv_ids = jnp.asarray(q_ids)[None], jnp.asarray(kv_ids)[None]
+        query, key = query[None], key[None]
+    _, q_ids, kv_ids = _checks.check_segment_ids(q_ids, kv_ids, query.shape[0], query.shape[1],
+                                                 key.shape[1])
+    return q_ids, kv_ids
+
+
+def _segment_mask(mask, segment_ids):
+    """A 4-D mask with the segment ids' rule (equal ids) folded in."""
+    if segment_ids is None:
+        return mask
+    q_ids, kv_ids = segment_ids
+    same = (q_ids[:, None, :, None] == kv_ids[:, None, None, :])
+    return same if mask is None else mask & same
 
 
 def _plain_attention(query, key, value, bias, mask, scale, is_causal, query_seq_lengths,
@@ -261,11 +302,16 @@ NO_DROPOUT = Dropout()
 
 def attend(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
            query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-           softcap=0.0, dropout=NO_DROPOUT):
-    """dot_product_attention plus ``softcap`` and attention ``dropout`` (for the layers);
-    see dot_product_attention. Dropout draws flash_attn_func's mask (jax_flash.dropout)
-    on every path, the XLA fallback included."""
+           softcap=0.0, dropout=NO_DROPOUT, segment_ids=None):
+    """dot_product_attention plus ``softcap``, attention ``dropout`` and ``segment_ids``
+    (for the layers); see dot_product_attention. Dropout draws flash_attn_func's mask
+    (jax_flash.dropout) on every path, the XLA fallback included. segment_ids: None or
+    (q_segment_ids, kv_segment_ids), integer (batch, seqlen_q) and (batch, seqlen_k), or
+    (seqlen,) each for unbatched inputs: query i sees key j only where their ids are
+    equal, exactly as the mask q_ids[:, None] == kv_ids[None, :] would (a row that sees no
+    key averages all values, as jax.nn's does)."""
     rank = _check_inputs(query, key, value)
+    segment_ids = _check_layer_segment_ids(segment_ids, query, key)
     if not isinstance(is_causal, (bool, np.bool_)):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     softcap = _checks.check_softcap(softcap)
@@ -276,10 +322,12 @@ def attend(query, key, value, bias=None, mask=None, *, scale=None, is_causal=Fal
                               key_value_seq_lengths, window)
     if reason is None:
         out = _kernel_path(_to_4d(query), _to_4d(key), _to_4d(value), scale_value,
-                           bool(is_causal), window, softcap, dropout)
+                           bool(is_causal), window, softcap, dropout, segment_ids)
         return out[0] if rank == 3 else out
     _warn_fallback_once(reason)
-    if softcap > 0 or dropout.rate > 0:
+    if segment_ids is not None:
+        mask = _segment_mask(None if mask is None else _to_4d(mask).astype(bool), segment_ids)
+    if softcap > 0 or dropout.rate > 0 or segment_ids is not None:
         if query_seq_lengths is not None:
             query_seq_lengths = jnp.asarray(query_seq_lengths)
         if key_value_seq_lengths is not None:

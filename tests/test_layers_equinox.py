@@ -118,6 +118,33 @@ def test_mask_falls_back_with_a_warning_and_matches_equinox():
     np.testing.assert_allclose(out, theirs(x, x, x, mask=mask), rtol=1e-5, atol=1e-6)
 
 
+def test_segment_ids_under_vmap_equal_equinox_with_the_segment_mask():
+    ours = MultiheadAttention(4, 16, key_size=12, num_kv_heads=2, causal=True, dtype=F32,
+                              key=jax.random.key(4))
+    theirs = eqx.nn.MultiheadAttention(4, 16, key_size=12, dtype=F32, key=jax.random.key(5))
+    theirs = eqx.tree_at(PROJECTIONS, theirs, (
+        ours.query_proj, _repeat_kv_heads(ours.key_proj, 2, 2),
+        _repeat_kv_heads(ours.value_proj, 2, 2), ours.output_proj))
+    rng = np.random.default_rng(9)
+    q_ids = jnp.asarray(np.sort(rng.integers(0, 4, size=(3, 11)), axis=-1), jnp.int32)
+    kv_ids = jnp.asarray(np.sort(rng.integers(0, 3, size=(3, 11)), axis=-1), jnp.int32)
+    causal = np.arange(11)[None, :] <= np.arange(11)[:, None]
+    masks = (q_ids[:, :, None] == kv_ids[:, None, :]) & causal  # some rows see no key
+    args = [_inputs(10, 3, 11, 16), _inputs(11, 3, 11, 12), _inputs(12, 3, 11, 16)]
+    # The ids and masks ride along as batched arguments of the vmapped call.
+    ours_call = lambda m, q, k, v, qi, ki: m(q, k, v, q_segment_ids=qi, kv_segment_ids=ki)  # noqa: E731
+    theirs_call = lambda m, q, k, v, mask: m(q, k, v, mask=mask)  # noqa: E731
+    out = jax.vmap(ours_call, (None, 0, 0, 0, 0, 0))(ours, *args, q_ids, kv_ids)
+    plain = jax.vmap(theirs_call, (None, 0, 0, 0, 0))(theirs, *args, masks)
+    exact = jax.vmap(theirs_call, (None, 0, 0, 0, 0))(
+        _to64(theirs), *(a.astype(jnp.float64) for a in args), masks)
+    assert bool(jnp.any(~jnp.any(masks, axis=-1)))  # the uniform-average rows are exercised
+    assert float(jnp.max(jnp.abs(out))) > 0
+    assert_within_twice_plain("out", out, plain, exact, jnp.float32)
+    with pytest.raises(ValueError, match=r"q_segment_ids must have shape \(seqlen,\)"):
+        ours(args[0][0], args[1][0], args[2][0], q_segment_ids=q_ids)
+
+
 def test_dropout_draws_the_kernels_mask_on_every_path():
     ours = MultiheadAttention(2, 8, dropout_p=0.3, dtype=F32, key=jax.random.key(0))
     x = _inputs(9, 5, 8)

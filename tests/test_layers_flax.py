@@ -129,6 +129,60 @@ def test_softcap_equals_the_reference():
     np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def _packed_ids(seed, *shape, segments=3):
+    """Sorted segment ids (documents packed back to back) of random lengths per row."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray(np.sort(rng.integers(0, segments, size=shape), axis=-1), jnp.int32)
+
+
+def test_segment_ids_equal_nnx_with_the_segment_mask():
+    ours, theirs, exact = _layers(num_heads=4, num_kv_heads=2, in_features=16)
+    x = _inputs(12, 2, 3, 13, 16)  # two batch dimensions
+    ids = _packed_ids(13, 2, 3, 13)
+    mask = nnx.make_attention_mask(ids, ids, jnp.equal)
+    _assert_forward_and_grads_match(ours, theirs, exact, [x],
+                                    call_kwargs=dict(q_segment_ids=ids, is_causal=True),
+                                    their_kwargs=dict(mask=mask, is_causal=True))
+
+
+def test_cross_attention_segment_ids_with_queries_that_see_no_key():
+    # Query ids 0-3 against key ids 0-2: rows of id 3 see no key and, as under nnx's mask,
+    # average all values.
+    ours, theirs, exact = _layers(num_heads=2, in_features=8, in_kv_features=6)
+    q_ids, kv_ids = _packed_ids(14, 3, 9, segments=4), _packed_ids(15, 3, 17)
+    q_ids = q_ids.at[:, -1].set(3)
+    args = [_inputs(16, 3, 9, 8), _inputs(17, 3, 17, 6)]
+    mask = nnx.make_attention_mask(q_ids, kv_ids, jnp.equal)
+    _assert_forward_and_grads_match(ours, theirs, exact, args,
+                                    call_kwargs=dict(q_segment_ids=q_ids, kv_segment_ids=kv_ids),
+                                    their_kwargs=dict(mask=mask))
+
+
+def test_segment_ids_with_a_mask_fall_back_and_combine():
+    jf.nn._warned_reasons.clear()
+    ours, theirs, exact = _layers(num_heads=2, in_features=8)
+    x, ids = _inputs(18, 2, 8, 8), _packed_ids(19, 2, 8)
+    mask = jnp.asarray(np.random.default_rng(20).uniform(size=(2, 1, 8, 8)) > 0.3)
+    with pytest.warns(jf.FallbackWarning, match="mask"):
+        out = ours(x, mask=mask, q_segment_ids=ids)
+    combined = mask & nnx.make_attention_mask(ids, ids, jnp.equal).astype(bool)
+    np.testing.assert_allclose(out, theirs(x, mask=combined), rtol=1e-5, atol=1e-6)
+
+
+def test_segment_id_errors():
+    layer = MultiHeadAttention(num_heads=2, in_features=8, rngs=nnx.Rngs(0))
+    x = _inputs(21, 2, 5, 8)
+    with pytest.raises(ValueError, match=r"q_segment_ids must have shape \(batch..., length\)"):
+        layer(x, q_segment_ids=jnp.zeros((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match="kv_segment_ids"):
+        layer(x, _inputs(22, 2, 7, 8), q_segment_ids=jnp.zeros((2, 5), jnp.int32))
+    with pytest.raises(TypeError, match="q_segment_ids must hold integers"):
+        layer(x, q_segment_ids=jnp.zeros((2, 5), jnp.float32))
+    layer.init_cache(x.shape)
+    with pytest.raises(NotImplementedError, match="segment ids in decode mode"):
+        layer(x, decode=True, q_segment_ids=jnp.zeros((2, 5), jnp.int32))
+
+
 def test_mask_falls_back_with_a_warning_and_matches_nnx():
     jf.nn._warned_reasons.clear()
     ours, theirs, exact = _layers(num_heads=2, in_features=8)

@@ -147,10 +147,14 @@ class MultiheadAttention(eqx.Module):
         self.softcap = _checks.check_softcap(softcap)
 
     def __call__(self, query, key_, value, mask=None, *, key=None, inference=None,
-                 deterministic=None, process_heads=None):
+                 deterministic=None, process_heads=None, q_segment_ids=None,
+                 kv_segment_ids=None):
         """query (q_seq, query_size), key_ (kv_seq, key_size), value (kv_seq, value_size);
         mask (q_seq, kv_seq) or (num_heads, q_seq, kv_seq), True = attend (falls back to
-        XLA). ``key`` and ``inference`` are dropout's. Returns (q_seq, output_size)."""
+        XLA). ``key`` and ``inference`` are dropout's. q_segment_ids (q_seq,) and
+        kv_segment_ids (kv_seq,), integers (kv_segment_ids defaults to q_segment_ids):
+        packed sequences, query i sees key j only where their ids are equal (run by the
+        kernels; as the equivalent mask would). Returns (q_seq, output_size)."""
         if deterministic is not None:
             inference = deterministic
             warnings.warn("MultiheadAttention()(deterministic=...) is deprecated in favour of "
@@ -187,6 +191,8 @@ class MultiheadAttention(eqx.Module):
             query_heads, key_heads, value_heads, mask=mask, is_causal=self.causal,
             local_window_size=window_to_local_window(window, seqlen_q, seqlen_k),
             softcap=self.softcap, dropout=dropout,
+            segment_ids=None if q_segment_ids is None else (
+                q_segment_ids, q_segment_ids if kv_segment_ids is None else kv_segment_ids),
         )
         return jax.vmap(self.output_proj)(attended.reshape(seqlen_q, -1))
 

@@ -243,10 +243,15 @@ class MultiHeadAttention(nnx.Module):
         is_causal: bool = False,
         out_sharding=None,
         qkv_sharding=None,
+        q_segment_ids=None,
+        kv_segment_ids=None,
     ):
         """inputs_q (batch..., length, in_features); inputs_k / inputs_v default to
         inputs_q / inputs_k. mask: boolean, broadcastable to (batch..., num_heads,
-        q_length, kv_length), True = attend (falls back to XLA). Returns
+        q_length, kv_length), True = attend (falls back to XLA). q_segment_ids (batch...,
+        q_length) and kv_segment_ids (batch..., kv_length), integers (kv_segment_ids
+        defaults to q_segment_ids): packed sequences, query i sees key j only where their
+        ids are equal (run by the kernels; as the equivalent mask would). Returns
         (batch..., length, out_features)."""
         if inputs_k is None:
             if inputs_v is not None:
@@ -277,14 +282,21 @@ class MultiHeadAttention(nnx.Module):
             query, key = self.query_ln(query), self.key_ln(key)
         query, key, value = (x.astype(jnp.result_type(query, key, value)) for x in (query, key, value))
 
+        if kv_segment_ids is None:
+            kv_segment_ids = q_segment_ids
+        segment_ids = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
         if _first_set(decode, self.decode):
             if dropout.rate > 0:
                 raise NotImplementedError(
                     "attention dropout in decode mode: call with deterministic=True")
+            if segment_ids is not None:
+                raise NotImplementedError(
+                    "segment ids in decode mode (the cache keeps no ids): give the prefill "
+                    "without decode, or a mask")
             attended = self._decode_step(query, key, value, mask)
         else:
             attended = self._attend(query, key, value, mask, self.causal or bool(is_causal),
-                                    dropout)
+                                    dropout, segment_ids)
         sharding = {} if out_sharding is None else {"out_sharding": out_sharding}
         return self.out(attended, **sharding)
 
@@ -308,7 +320,7 @@ class MultiHeadAttention(nnx.Module):
         key = rngs.dropout() if rngs is not None else self.rngs()
         return Dropout(self.dropout_rate, key, bool(self.broadcast_dropout))
 
-    def _attend(self, query, key, value, mask, causal, dropout=NO_DROPOUT):
+    def _attend(self, query, key, value, mask, causal, dropout=NO_DROPOUT, segment_ids=None):
         """Attention over (batch..., length, heads, head_dim), flattening batch dims."""
         batch_shape = query.shape[:-3]
         seqlen_q, seqlen_k = query.shape[-3], key.shape[-3]
@@ -317,13 +329,23 @@ class MultiHeadAttention(nnx.Module):
             mask = jnp.asarray(mask).astype(bool)
             mask = mask.reshape((1,) * (len(batch_shape) + 3 - mask.ndim) + mask.shape)
             mask = flat(jnp.broadcast_to(mask, batch_shape + mask.shape[-3:]))
+        if segment_ids is not None:
+            flat_ids = []
+            for name, ids, length in (("q_segment_ids", segment_ids[0], seqlen_q),
+                                      ("kv_segment_ids", segment_ids[1], seqlen_k)):
+                shape = _checks.array_shape(ids, name)
+                if shape != (*batch_shape, length):
+                    raise ValueError(f"{name} must have shape (batch..., length) = "
+                                     f"{(*batch_shape, length)}, got {shape}")
+                flat_ids.append(jnp.asarray(ids).reshape(-1, length))
+            segment_ids = tuple(flat_ids)
         # Under causal the right side is implied; leaving it unbounded here keeps a plain
         # causal call free of any window.
         window = (self.window_size[0], -1) if causal else self.window_size
         out = attend(
             flat(query), flat(key), flat(value), mask=mask, is_causal=causal,
             local_window_size=window_to_local_window(window, seqlen_q, seqlen_k),
-            softcap=self.softcap, dropout=dropout,
+            softcap=self.softcap, dropout=dropout, segment_ids=segment_ids,
         )
         return out.reshape(query.shape)
 
