@@ -4,6 +4,9 @@
 #pragma once
 
 #include <cstdint>
+#if !defined(__CUDACC__)
+#include <algorithm>
+#endif
 
 #include "common/attention_params.h"
 
@@ -16,6 +19,20 @@
 #endif
 
 namespace jax_flash::cuda {
+
+#if !defined(__CUDACC__)
+using std::min;  // nvcc's device min, for the host check
+#endif
+
+// The columns [begin, end) of one row of a masked tile that the window shows, counted from
+// a lane's first column. A lane's elements sit at compile-time offsets from that column
+// (8 j + (c & 1) in the mma and wgmma layouts), so each costs two compares against
+// constants, where visible() redoes the index arithmetic per element; on the forward's
+// diagonal tiles that arithmetic was most of their softmax.
+struct ColumnRange {
+  int begin, end;
+  JAX_FLASH_MASK_INLINE bool contains(int column) const { return column >= begin && column < end; }
+};
 
 // The window of the call in 32-bit indices (the launcher checks sequence lengths fit).
 struct KeyWindow {
@@ -51,6 +68,36 @@ struct KeyWindow {
     }
     return false;
   }
+
+  // The keys `query` sees, as columns counted from key `first_key`; only columns >= 0 are
+  // asked about, so an unbounded left side is begin 0.
+  template <bool kHasWindow>
+  JAX_FLASH_MASK_INLINE ColumnRange visible_key_columns(int query, int first_key) const {
+    ColumnRange range{0, seqlen_k - first_key};
+    if constexpr (kHasWindow) {
+      const int diagonal = query + diagonal_offset - first_key;
+      if (left >= 0) range.begin = diagonal - left;
+      if (right >= 0) range.end = min(range.end, diagonal + right + 1);
+    }
+    return range;
+  }
+
+  // The queries that see `key`, as columns counted from query `first_query` (columns >= 0;
+  // queries past seqlen_q are not the window's business, as in visible()).
+  template <bool kHasWindow>
+  JAX_FLASH_MASK_INLINE ColumnRange visible_query_columns(int key, int first_query) const {
+    if (key >= seqlen_k) return {0, 0};
+    ColumnRange range{0, kUnboundedColumn};
+    if constexpr (kHasWindow) {
+      const int aligned_query = key - diagonal_offset - first_query;
+      if (right >= 0) range.begin = aligned_query - right;
+      if (left >= 0) range.end = aligned_query + left + 1;
+    }
+    return range;
+  }
+
+  // Past every column a tile has (sequence lengths are below 2^29, dispatch.cu).
+  static constexpr int kUnboundedColumn = 1 << 30;
 };
 
 }  // namespace jax_flash::cuda

@@ -75,9 +75,19 @@ __device__ __forceinline__ void transform_and_mask(float (&acc_s)[kMTiles][kNTil
     });
   }
   if (window.tile_needs_mask<kHasWindow>(block_q0, block_q1, key0, key0 + 8 * kNTiles)) {
-    for_each_element(acc_s, lane, [&](float& s, int r, int c) {
-      if (!window.visible<kHasWindow>(query0 + r, key0 + c)) s = -INFINITY;
-    });
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < kMTiles; ++i)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const ColumnRange keys =
+            window.visible_key_columns<kHasWindow>(query0 + 16 * i + g + 8 * h, key0 + 2 * t);
+#pragma unroll
+        for (int j = 0; j < kNTiles; ++j)
+#pragma unroll
+          for (int c = 0; c < 2; ++c)
+            if (!keys.contains(8 * j + c)) acc_s[i][j][2 * h + c] = -INFINITY;
+      }
   }
 }
 

@@ -1,5 +1,5 @@
-// Host check of the CUDA kernels' mask arithmetic (csrc/cuda/key_window.cuh) against the
-// CPU kernel's definition of which keys a query sees (visible_keys / visible_queries in
+// Host check of the CUDA kernels' mask arithmetic (csrc/cuda/key_window.cuh: visible(),
+// tile_needs_mask() and the lanes' column ranges) against the CPU kernel's definition of which keys a query sees (visible_keys / visible_queries in
 // common/attention_params.h), on random windows. Usage: key_window_check MODE SEED CASES,
 // MODE one of none, causal, left, right, both. Prints "checked N mismatches M".
 #include <cstdio>
@@ -49,6 +49,33 @@ void check_case(const AttentionParams& p, std::mt19937_64& rng) {
         expect(kernel, query >= queries.begin && query < queries.end, "visible_queries", p,
                query, key, 0);
     }
+  }
+  // A lane's column ranges against the pairs they stand for, over the widths a lane covers
+  // (up to 8 * 16 - 2t columns) from a first key or query anywhere, past seqlen_k included;
+  // half the origins put a window edge inside the range.
+  const int width = pick(1, 128);
+  for (int query = query0; query < query_end; ++query) {
+    int first_key = pick(0, static_cast<int>(p.seqlen_k) + 20);
+    if (kHasWindow && pick(0, 1))
+      first_key = query + window.diagonal_offset +
+                  (pick(0, 1) ? window.right + 1 : -window.left) - pick(0, width);
+    if (first_key < 0) first_key = 0;
+    const auto keys = window.visible_key_columns<kHasWindow>(query, first_key);
+    for (int column = 0; column < width; ++column)
+      expect(keys.contains(column), cpu_visible(p, query, first_key + column),
+             "visible_key_columns", p, query, first_key, column);
+  }
+  for (int sample = 0; sample < 8; ++sample) {
+    const int key = pick(0, static_cast<int>(p.seqlen_k) + 20);
+    int first_query = pick(0, static_cast<int>(p.seqlen_q) + 20);
+    if (kHasWindow && pick(0, 1))
+      first_query = key - window.diagonal_offset +
+                    (pick(0, 1) ? window.left + 1 : -window.right) - pick(0, width);
+    if (first_query < 0) first_query = 0;
+    const auto queries = window.visible_query_columns<kHasWindow>(key, first_query);
+    for (int column = 0; column < width; ++column)
+      expect(queries.contains(column), cpu_visible(p, first_query + column, key),
+             "visible_query_columns", p, key, first_query, column);
   }
   // A tile needs its mask exactly when one of its pairs is hidden; half the tiles end
   // within two keys of a window edge, where an off-by-one would show.

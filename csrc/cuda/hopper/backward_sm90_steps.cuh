@@ -362,8 +362,32 @@ __device__ __forceinline__ void probabilities_and_grads(float (&acc_s)[1][kTiles
         acc_dp[0][j][c] = pg.y;
       }
   };
+  // Plain masked steps (the diagonal's, mostly) test each element against its key's range
+  // of visible queries, two compares of a constant, rather than the general path's visible().
+  auto masked_elements = [&] {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const ColumnRange queries =
+          window.visible_query_columns<kHasWindow>(warp_key0 + g + 8 * h, warp_query0 + 2 * t);
+#pragma unroll
+      for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int column = 8 * j + 2 * t + c;
+          float& s = acc_s[0][j][2 * h + c];
+          float& dp = acc_dp[0][j][2 * h + c];
+          const float prob = queries.contains(8 * j + c)
+                                 ? fast_exp2(fmaf(s, transform.exp_scale, -lse_log2[column]))
+                                 : 0.0f;
+          s = prob;
+          dp = prob * (dp - delta[column]) * transform.scale;
+        }
+    }
+  };
   if (transform.plain && !masked) {
     elements(std::false_type{});
+  } else if (transform.plain) {
+    masked_elements();
   } else {
     elements(std::true_type{});
   }
