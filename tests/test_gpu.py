@@ -39,6 +39,7 @@ FEATURES = {
     "none": dict(),
     "causal": dict(causal=True),
     "window": dict(window_size=(100, 7)),
+    "softcap_alibi": dict(softcap=4.0, alibi=True),
     "softcap_alibi_causal": dict(causal=True, softcap=4.0, alibi=True),
     "window_alibi": dict(window_size=(200, 50), alibi=True),
     "segments_sorted_causal": dict(causal=True, segments="sorted"),

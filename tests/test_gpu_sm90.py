@@ -30,7 +30,8 @@ pytestmark = pytest.mark.skipif(
 # (batch, seqlen_q, seqlen_k, heads, heads_kv); head_dim is the test's parameter.
 SHAPES = [(2, 1, 1, 2, 1), (1, 17, 1000, 4, 2), (2, 1000, 17, 2, 2), (1, 1000, 1000, 4, 1),
           (2, 129, 257, 6, 3), (1, 384, 127, 2, 2)]
-FEATURES = ["none", "causal", "window", "softcap_alibi_causal", "window_alibi"]
+# softcap_alibi runs the kernels without a window on their general (non-plain) score path.
+FEATURES = ["none", "causal", "window", "softcap_alibi", "softcap_alibi_causal", "window_alibi"]
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
