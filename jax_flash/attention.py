@@ -77,7 +77,7 @@ def _attention(
     q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
     alibi_slopes=None, return_lse=False, diagonal_offset=None, q_segment_ids=None,
     kv_segment_ids=None, deterministic=False, dropout_p=0.0, dropout_key=None,
-    dropout_broadcast_batch=False,
+    dropout_broadcast_batch=False, dropout_seeds=None,
 ):
     """flash_attn_func's op with a movable mask diagonal, for the layers built on it.
 
@@ -86,7 +86,9 @@ def _attention(
     diagonal. None is FlashAttention's bottom-right alignment (seqlen_k - seqlen_q); 0 is
     the top-left alignment of jax.nn.dot_product_attention; ring attention passes the
     distance between two blocks of one sequence. dropout_broadcast_batch draws one
-    dropout mask for every batch row (Flax's broadcast_dropout).
+    dropout mask for every batch row (Flax's broadcast_dropout). dropout_seeds, uint32
+    (batch, num_heads, 2), replaces the seeds drawn from dropout_key (Ulysses passes its
+    heads' share of the whole call's, so its masks are the one-device call's).
     """
     batch, seqlen_q, num_heads, head_dim, seqlen_k, _ = _checks.check_qkv(q, k, v)
     window_left, window_right = _checks.check_window(window_size, causal)
@@ -100,8 +102,12 @@ def _attention(
     # so a wider side masks nothing: unbounded, exactly (and no overflow in the kernels).
     window_left, window_right = _checks.drop_idle_window_sides(
         window_left, window_right, seqlen_q + seqlen_k + abs(diagonal_offset))
-    seeds = (dropout.seeds(dropout_key, batch, num_heads, dropout_broadcast_batch) if has_dropout
-             else _checks.placeholder_seeds(batch, num_heads))
+    if not has_dropout:
+        seeds = _checks.placeholder_seeds(batch, num_heads)
+    elif dropout_seeds is not None:
+        seeds = dropout_seeds
+    else:
+        seeds = dropout.seeds(dropout_key, batch, num_heads, dropout_broadcast_batch)
     config = KernelConfig(
         softmax_scale=_checks.check_softmax_scale(softmax_scale, head_dim),
         softcap=_checks.check_softcap(softcap),

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_flash import _batching, _checks
+from jax_flash import _batching, _checks, dropout
 from jax_flash._config import KernelConfig
-from jax_flash.attention import flash_attn_func
+from jax_flash.attention import _attention
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -485,7 +485,8 @@ def _to_sequence(x, axis_name, num_devices, layout):
 
 def ulysses_attention(q, k, v, axis_name, *, causal=False, softmax_scale=None,
                       window_size=(-1, -1), softcap=0.0, alibi_slopes=None, layout="zigzag",
-                      return_lse=False, q_segment_ids=None, kv_segment_ids=None):
+                      return_lse=False, q_segment_ids=None, kv_segment_ids=None,
+                      dropout_p=0.0, dropout_key=None):
     """Attention over a sequence sharded on ``axis_name`` by trading it for heads (Ulysses).
 
     Same inputs and outputs as ring_attention. An all-to-all gives each device the whole
@@ -495,6 +496,11 @@ def ulysses_attention(q, k, v, axis_name, *, causal=False, softmax_scale=None,
     heads than devices are repeated so that each device gets the one its queries use).
     alibi_slopes, if given, are (num_heads,) or (batch, num_heads) for all heads. Segment
     ids are the local (batch, seqlen / n) blocks; each device gathers the whole rows.
+    dropout_p, dropout_key: flash_attn_func's attention dropout, with the masks of
+    flash_attn_func on the whole sequence and the same key (each device draws its heads'
+    share). The key must be the same on every device of the axis; where the batch is also
+    sharded, fold the batch shard's index into it (as sequence_parallel_attention does), or
+    the shards' rows share masks.
     """
     _check_layout(layout)
     num_devices = _axis_size(axis_name, "ulysses_attention")
@@ -517,16 +523,23 @@ def ulysses_attention(q, k, v, axis_name, *, causal=False, softmax_scale=None,
         q_ids, kv_ids = (_gathered(ids, axis_name, num_devices, layout) for ids in (q_ids, kv_ids))
     else:
         q_ids = kv_ids = None
+    dropout_p = _checks.check_dropout(dropout_p, dropout_key)
+    per_device = num_heads // num_devices
+
+    def own_heads(x):  # this device's share of a (batch, num_heads, ...) array
+        return lax.dynamic_slice_in_dim(x, lax.axis_index(axis_name) * per_device, per_device,
+                                        axis=1)
+
     if slopes is not None:
-        per_device = num_heads // num_devices
-        slopes = lax.dynamic_slice_in_dim(
-            slopes, lax.axis_index(axis_name) * per_device, per_device, axis=1)
+        slopes = own_heads(slopes)
+    seeds = own_heads(dropout.seeds(dropout_key, batch, num_heads)) if dropout_p > 0 else None
     to_heads = functools.partial(_to_heads, axis_name=axis_name, num_devices=num_devices,
                                  layout=layout)
-    out, lse = flash_attn_func(
+    out, lse = _attention(
         to_heads(q), to_heads(k), to_heads(v), softmax_scale=softmax_scale, causal=causal,
         window_size=window_size, softcap=softcap, alibi_slopes=slopes, return_lse=True,
-        q_segment_ids=q_ids, kv_segment_ids=kv_ids)
+        q_segment_ids=q_ids, kv_segment_ids=kv_ids, dropout_p=dropout_p,
+        dropout_key=dropout_key, dropout_seeds=seeds)
     out = _to_sequence(out, axis_name, num_devices, layout)
     if not return_lse:
         return out
@@ -543,12 +556,17 @@ def sequence_parallel_attention(q, k, v, mesh, axis_name, *, method="ring", batc
     with ``sequence_permutation``); the sequence axis is split over ``axis_name`` of
     ``mesh`` and, if given, the batch over ``batch_axis``. kwargs go to the method; the
     global segment ids (batch, seqlen), in the same order, are split like q, k and v, and
-    (batch, num_heads) ALiBi slopes like the batch. Returns global arrays in the same
-    order and sharding.
+    (batch, num_heads) ALiBi slopes like the batch. Dropout (dropout_p, dropout_key) is
+    Ulysses' only; with batch_axis each batch shard folds its index into the key. Returns
+    global arrays in the same order and sharding.
     """
     methods = {"ring": ring_attention, "ulysses": ulysses_attention}
     if method not in methods:
         raise ValueError(f"method must be one of {tuple(methods)}, got {method!r}")
+    if method == "ring" and ("dropout_p" in kwargs or "dropout_key" in kwargs):
+        raise ValueError(
+            "dropout_p / dropout_key: attention dropout runs with method='ulysses' only (ring "
+            "attention's block pairs would each need their own mask of one whole-sequence draw)")
     if axis_name not in mesh.axis_names:
         raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
     P = jax.sharding.PartitionSpec
@@ -565,9 +583,19 @@ def sequence_parallel_attention(q, k, v, mesh, axis_name, *, method="ring", batc
         names.append(name)
         arrays.append(value)
 
+    key = kwargs.pop("dropout_key", None)
+    if key is not None:  # replicated: every device draws from the same key
+        names.append("dropout_key")
+        arrays.append(key)
+        in_specs.append(P())
+
     def fn(q, k, v, *values):
-        return methods[method](q, k, v, axis_name=axis_name, **kwargs,
-                               **dict(zip(names, values)))
+        keywords = dict(zip(names, values))
+        if batch_axis is not None and keywords.get("dropout_key") is not None:
+            # The batch shards hold different rows under one key: give each its own masks.
+            keywords["dropout_key"] = jax.random.fold_in(keywords["dropout_key"],
+                                                          lax.axis_index(batch_axis))
+        return methods[method](q, k, v, axis_name=axis_name, **kwargs, **keywords)
 
     return jax.shard_map(fn, mesh=mesh, in_specs=tuple(in_specs), out_specs=out_specs,
                          check_vma=False)(*arrays)

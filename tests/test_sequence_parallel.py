@@ -166,6 +166,58 @@ def test_ulysses_more_devices_than_kv_heads_with_alibi():
           with_alibi="heads")
 
 
+@pytest.mark.parametrize("batch_axis", [None, "data"])
+@pytest.mark.parametrize("mask_name", ["none", "causal_window_softcap"])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_ulysses_dropout_draws_the_one_device_masks(layout, mask_name, batch_axis):
+    """Ulysses with dropout against the float64 reference with flash_attn_func's mask of the
+    whole call (the same key), forward and gradients; with the batch sharded too, each
+    batch shard draws the masks of the key folded with its index."""
+    batch, seqlen, heads, heads_kv, head_dim, p = 2, 64, 8, 2, 16, 0.25
+    num_devices = 4
+    q, k, v = random_qkv(11, batch, seqlen, seqlen, heads, heads_kv, head_dim, jnp.float32)
+    perm = jf.sequence_permutation(seqlen, num_devices, layout)
+    key = jax.random.key(21)
+    if batch_axis is None:
+        mesh = mesh_of(num_devices)
+        mask = jf.dropout_mask(key, p, batch, heads, seqlen, seqlen)
+    else:
+        mesh = Mesh(np.array(jax.devices("cpu")[:2 * num_devices]).reshape(2, num_devices),
+                    ("data", "sp"))
+        mask = jnp.concatenate([jf.dropout_mask(jax.random.fold_in(key, shard), p, 1, heads,
+                                                seqlen, seqlen) for shard in range(2)])
+    kwargs = dict(MASKS[mask_name])
+
+    def parallel(q, k, v, key):
+        return jf.sequence_parallel_attention(
+            q, k, v, mesh, "sp", method="ulysses", batch_axis=batch_axis, layout=layout,
+            return_lse=True, dropout_p=p, dropout_key=key, **kwargs)
+
+    def single(q, k, v):
+        return reference(q, k, v, return_lse=True, dropout_mask=mask,
+                         dropout_scale=jf.dropout.keep_scale(p), **kwargs)
+
+    inverse = np.argsort(perm)
+    out, lse = jax.jit(parallel)(q[:, perm], k[:, perm], v[:, perm], key)
+    exact = single(*map(to64, (q, k, v)))
+    plain = single(q, k, v)
+    assert_within_twice_plain("out", out[:, inverse], plain[0], exact[0], jnp.float32)
+    assert_within_twice_plain("lse", lse[:, :, inverse], plain[1], exact[1], jnp.float32)
+    no_dropout = reference(q, k, v, **kwargs)
+    assert float(jnp.max(jnp.abs(out[:, inverse] - no_dropout))) > 0.05  # masks were drawn
+
+    rng = np.random.default_rng(12)
+    out_cot = jnp.asarray(rng.standard_normal(q.shape))[:, perm]
+    lse_cot = jnp.asarray(rng.standard_normal(lse.shape))[:, :, perm]
+    grads = jax.jit(jax.grad(losses(lambda q, k, v: parallel(q, k, v, key)), argnums=(0, 1, 2)))(
+        q[:, perm], k[:, perm], v[:, perm], out_cot, lse_cot)
+    grad_ref = jax.jit(jax.grad(losses(single, perm), argnums=(0, 1, 2)))
+    exact_grads = grad_ref(*map(to64, (q, k, v)), out_cot, lse_cot)
+    plain_grads = grad_ref(q, k, v, out_cot, lse_cot)
+    for name, g, ex, pl in zip(("dq", "dk", "dv"), grads, exact_grads, plain_grads):
+        assert_within_twice_plain(name, g[:, inverse], pl, ex, jnp.float32)
+
+
 @pytest.mark.parametrize("mask_name", ["none", "causal", "causal_window_softcap"])
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
 def test_ring_alibi(layout, mask_name):
@@ -283,6 +335,14 @@ def test_errors():
         with pytest.raises(ValueError, match="alibi_slopes must have shape"):
             jf.sequence_parallel_attention(q, k, v, mesh, "sp", method=method,
                                            alibi_slopes=jnp.ones((3,), jnp.float32))
+    with pytest.raises(ValueError, match="dropout runs with method='ulysses' only"):
+        jf.sequence_parallel_attention(q, k, v, mesh, "sp", dropout_p=0.1,
+                                       dropout_key=jax.random.key(0))
+    with pytest.raises(ValueError, match="dropout_p > 0 needs dropout_key"):
+        jf.sequence_parallel_attention(q, k, v, mesh, "sp", method="ulysses", dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        jf.sequence_parallel_attention(q, k, v, mesh, "sp", method="ulysses", dropout_p=1.5,
+                                       dropout_key=jax.random.key(0))
 
 
 def test_pmap_users():
