@@ -1,6 +1,5 @@
-// Steps both Hopper backward kernels take the same way: their tensor maps and copies,
-// addresses in a 128-byte swizzled shared tile, the element step from Sᵀ and dPᵀ to Pᵀ and
-// dSᵀ, the dK/dV stores, and dQ's trip from a warpgroup's accumulators through shared
+// Steps both Hopper backward kernels take the same way: their tensor maps and copies, the
+// element step from Sᵀ and dPᵀ to Pᵀ and dSᵀ, the dK/dV stores, and dQ's trip from a warpgroup's accumulators through shared
 // memory into the float32 accumulator in global memory (a TMA bulk reduction issued by a
 // reducer warp).
 #pragma once
@@ -16,6 +15,7 @@
 #include "cuda/flash_api.h"
 #include "cuda/fragments.cuh"
 #include "cuda/hopper/sm90_ptx.cuh"
+#include "cuda/hopper/staged_store.cuh"
 #include "cuda/scores.cuh"
 
 namespace jax_flash::cuda {
@@ -51,13 +51,6 @@ __device__ __forceinline__ void load_key_block(const Sm90BackwardMaps& maps, uin
   sm90::mbarrier_arrive_expect_tx(kv_full, 2 * kChunks * kBlockN * 128);
   sm90::tma_load_tile<kChunks, kBlockN>(k_smem, &maps.k, kv_full, key0, head_kv, batch);
   sm90::tma_load_tile<kChunks, kBlockN>(v_smem, &maps.v, kv_full, key0, head_kv, batch);
-}
-
-// The shared address of byte `byte` of row `row` in a tile of 128-byte rows stored with the
-// 128-byte swizzle (TMA's and wgmma's layout): 16-byte units XORed with the row's index
-// within its group of 8.
-__device__ __forceinline__ uint32_t swizzled_128b(uint32_t tile, int row, int byte) {
-  return tile + row * 128 + (((byte >> 4) ^ (row & 7)) << 4) + (byte & 15);
 }
 
 // The key block's steps. The first query is rounded down to a multiple of 4 so that every
@@ -281,15 +274,9 @@ __device__ __forceinline__ void reduce_dq_sweep(const Sm90BackwardUnits<kPaired>
   if (lane == 0) sm90::bulk_wait<0>();
 }
 
-// dK and dV of a consumer's 64 keys, leaving through its 8 KB staging tile (64 keys by 64
-// columns, 128-byte swizzle) by bulk tensor stores, one 64-column chunk at a time. From
-// registers they took 64 four-byte global stores per thread per key block, whose queue
-// (lg throttle) held the consumers for a fifth of their time at 1k tokens causal (profile,
-// 2026-12-06, twelfth session); here a chunk is four stmatrix per thread, and the copy engine
-// writes it while the consumer goes on. Rows past seqlen_k are dropped by the tensor map.
-// The staging tile is reused chunk after chunk and tile after tile: thread 0 of the
-// consumer, which issues the stores, waits for the previous one's read first.
-constexpr int kDkvStagingBytes = 64 * 64 * 2;
+// dK and dV of a consumer's 64 keys, through its staging tile (store_tile_staged), on the
+// consumer's named barrier.
+constexpr int kDkvStagingBytes = kStagingTileBytes;
 __device__ __forceinline__ int dkv_staging_barrier(int consumer) { return 8 + consumer; }
 
 template <typename Element, int kTiles>
@@ -298,37 +285,10 @@ __device__ __forceinline__ void store_dk_dv_staged(const float (&acc_dk)[1][kTil
                                                    const Sm90BackwardMaps& maps, uint32_t staging,
                                                    int consumer, int group_thread, int column0,
                                                    int key0, int head_kv, int batch) {
-  using Traits = ElementTraits<Element>;
-  static_assert(kTiles % 8 == 0, "64-column chunks");
-  const int lane = group_thread & 31, warp_in_group = group_thread >> 5;
-  // This lane's row address within a 16-column pair of 8x8 matrices (stmatrix.x4): matrix
-  // lane / 8 is (rows 8 * (matrix & 1), columns 8 * (matrix >> 1)) of the warp's 16 keys.
-  const int matrix = lane >> 3;
-  const int row = 16 * warp_in_group + (lane & 7) + 8 * (matrix & 1);
-  auto store = [&](const float (&acc)[1][kTiles][4], const CUtensorMap* map) {
-#pragma unroll
-    for (int chunk = 0; chunk < kTiles / 8; ++chunk) {
-      if (group_thread == 0) sm90::bulk_wait_read<0>();
-      sm90::named_barrier_sync(dkv_staging_barrier(consumer), 128);
-#pragma unroll
-      for (int pair = 0; pair < 4; ++pair) {
-        const int j = 8 * chunk + 2 * pair;
-        sm90::store_matrix_x4(swizzled_128b(staging, row, 16 * (2 * pair + (matrix >> 1))),
-                              Traits::pack(acc[0][j][0], acc[0][j][1]),
-                              Traits::pack(acc[0][j][2], acc[0][j][3]),
-                              Traits::pack(acc[0][j + 1][0], acc[0][j + 1][1]),
-                              Traits::pack(acc[0][j + 1][2], acc[0][j + 1][3]));
-      }
-      sm90::fence_shared_for_async();
-      sm90::named_barrier_sync(dkv_staging_barrier(consumer), 128);
-      if (group_thread == 0) {
-        sm90::tma_store_4d(map, staging, column0 + 64 * chunk, key0, head_kv, batch);
-        sm90::bulk_commit();
-      }
-    }
-  };
-  store(acc_dv, &maps.dv);
-  store(acc_dk, &maps.dk);
+  store_tile_staged<Element>(acc_dv, &maps.dv, staging, dkv_staging_barrier(consumer),
+                             group_thread, column0, key0, head_kv, batch);
+  store_tile_staged<Element>(acc_dk, &maps.dk, staging, dkv_staging_barrier(consumer),
+                             group_thread, column0, key0, head_kv, batch);
 }
 
 // Pᵀ into acc_s and dSᵀ into acc_dp, in place, for one warp's wgmma accumulators of Sᵀ and

@@ -32,6 +32,7 @@
 #include "cuda/element.cuh"
 #include "cuda/fragments.cuh"
 #include "cuda/hopper/sm90_ptx.cuh"
+#include "cuda/hopper/staged_store.cuh"
 #include "cuda/hopper/wgmma_ops.cuh"
 #include "cuda/online_softmax.cuh"
 #include "cuda/ptx.cuh"
@@ -40,10 +41,11 @@
 
 namespace jax_flash::cuda {
 
-// Tensor maps of Q, K and V, each seen as (head_dim, seqlen, heads, batch) with boxes of
-// 64 head-dim columns (one 128-byte swizzle span) by kBlockM (Q) or kBlockN (K, V) rows.
+// Tensor maps of Q, K, V and O, each seen as (head_dim, seqlen, heads, batch) with boxes of
+// 64 head-dim columns (one 128-byte swizzle span) by kBlockM (Q), kBlockN (K, V) or 64 (O,
+// one consumer's rows) rows.
 struct Sm90ForwardMaps {
-  CUtensorMap q, k, v;
+  CUtensorMap q, k, v, out;
 };
 
 template <int kHeadDim_, int kBlockN_, int kStages_, bool kPingPong_, int kQStages_>
@@ -65,12 +67,15 @@ struct Sm90ForwardConfig {
   static constexpr int kKVBytes = kBlockN * kHeadDim * 2;
   // Q full and empty per Q buffer; K/V full and empty per stage.
   static constexpr int kBarriers = 2 * kQStages + 4 * kStages;
-  // Tiles, barriers, and slack to align the tiles to 1024 bytes (the swizzle atom).
-  static constexpr int kSmemBytes =
-      kQStages * kQBytes + 2 * kStages * kKVBytes + 8 * kBarriers + 1024;
-  // Registers per thread after reallocation: 128 * (producer + 2 * consumer) <= 64K.
-  static constexpr int kProducerRegisters = 40;
-  static constexpr int kConsumerRegisters = 232;
+  // Tiles, one O staging tile per consumer, barriers, and slack to align the tiles to 1024
+  // bytes (the swizzle atom).
+  static constexpr int kSmemBytes = kQStages * kQBytes + 2 * kStages * kKVBytes +
+                                    kConsumers * kStagingTileBytes + 8 * kBarriers + 1024;
+  // Registers per thread after reallocation: 128 * (producer + 2 * consumer) <= 64K. Blocks
+  // wider than 128 keys hold S of kBlockN / 2 floats beside O and P: the producer thread
+  // gives up 16 more.
+  static constexpr int kProducerRegisters = kBlockN > 128 ? 24 : 40;
+  static constexpr int kConsumerRegisters = kBlockN > 128 ? 240 : 232;
   static_assert(kHeadDim % 64 == 0 && kBlockN % 16 == 0 && kStages >= 2, "tile shape");
   static_assert(kQStages == 1 || kQStages == 2, "Q buffers");
   static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= 512, "register file");
@@ -94,7 +99,8 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   const uint32_t kv_base = smem + kQStages * Config::kQBytes;
   auto k_smem = [&](int stage) { return kv_base + 2 * stage * Config::kKVBytes; };
   auto v_smem = [&](int stage) { return k_smem(stage) + Config::kKVBytes; };
-  const uint32_t barriers = kv_base + 2 * kStages * Config::kKVBytes;
+  const uint32_t out_staging = kv_base + 2 * kStages * Config::kKVBytes;
+  const uint32_t barriers = out_staging + Config::kConsumers * kStagingTileBytes;
   auto q_full = [&](int buffer) { return barriers + 8 * buffer; };
   auto q_empty = [&](int buffer) { return barriers + 8 * (kQStages + buffer); };
   const uint32_t kv_barriers = barriers + 8 * 2 * kQStages;
@@ -371,9 +377,14 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
         if (t == 0 && row < valid_rows)
           tile_lse[row] = empty ? INFINITY : row_max[0][h] * transform.exp_scale * kLn2 + logf(sum);
       }
-      store_tile<Element>(acc_o, out() + warp_row0 * p.out_strides.row, p.out_strides.row,
-                          valid_rows - warp_row0, head_dim, /*vectorized=*/true, lane);
+      // Through the consumer's staging tile (named barrier 3 + consumer; 1 and 2 are the
+      // ping-pong's); rows past seqlen_q are dropped by the tensor map.
+      store_tile_staged<Element>(acc_o, &maps.out, out_staging + consumer * kStagingTileBytes,
+                                 3 + consumer, thread - 128 * warpgroup, 0,
+                                 tile.row0 + group_row0, tile.head, tile.batch);
     }
+    // The staging tile must outlast the copy engine's reads, and the stores be complete.
+    if (thread == 128 * warpgroup) sm90::bulk_wait<0>();
   }
 }
 
