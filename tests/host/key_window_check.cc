@@ -1,7 +1,8 @@
 // Host check of the CUDA kernels' mask arithmetic (csrc/cuda/key_window.cuh: visible(),
-// tile_needs_mask() and the lanes' column ranges) against the CPU kernel's definition of which keys a query sees (visible_keys / visible_queries in
-// common/attention_params.h), on random windows. Usage: key_window_check MODE SEED CASES,
-// MODE one of none, causal, left, right, both. Prints "checked N mismatches M".
+// tile_needs_mask() and the lanes' column ranges) against the CPU kernel's definition of
+// which keys a query sees (visible_keys / visible_queries in common/attention_params.h), on
+// random windows. Usage: key_window_check MODE SEED CASES, MODE one of none, causal, left,
+// right, both. Prints "checked N mismatches M".
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>

@@ -1,7 +1,7 @@
 // Steps both Hopper backward kernels take the same way: their tensor maps and copies, the
-// element step from Sᵀ and dPᵀ to Pᵀ and dSᵀ, the dK/dV stores, and dQ's trip from a warpgroup's accumulators through shared
-// memory into the float32 accumulator in global memory (a TMA bulk reduction issued by a
-// reducer warp).
+// element step from Sᵀ and dPᵀ to Pᵀ and dSᵀ, the dK/dV stores, and dQ's trip from a
+// warpgroup's accumulators through shared memory into the float32 accumulator in global
+// memory (a TMA bulk reduction issued by a reducer warp).
 #pragma once
 
 #include <cuda.h>
