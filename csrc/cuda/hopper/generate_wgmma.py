@@ -6,7 +6,7 @@ Run `python3 csrc/cuda/hopper/generate_wgmma.py` after changing the list of N be
 """
 import pathlib
 
-WIDTHS = (32, 64, 128, 176, 256)
+WIDTHS = (32, 64, 128, 176, 192, 256)
 TYPES = (("true", "bf16"), ("false", "f16"))
 
 
