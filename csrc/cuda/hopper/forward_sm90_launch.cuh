@@ -18,16 +18,15 @@ namespace jax_flash::cuda {
 // (ping-pong), and the Q buffers. Measured on an H100 (NOTES_sm90.md): ping-pong gains 1-12%
 // at head dims 64 and 256 (where the softmax is long next to the products, or the register
 // file is full) and loses 2-4% at 16k tokens for head dim 128. Two Q buffers where shared
-// memory allows, one at head dim 256 (192 KB). Without a window, head dim 64 takes 192-key
-// blocks (33% fewer block iterations, each with its barrier waits, fences and row
-// reductions, which at head dim 64 weigh most next to the products; 192 KB; 256 keys spill
-// 144 bytes) and head dim 128 176-key blocks with one Q buffer (208 KB); with a window both
-// keep 128, whose masked diagonal tiles waste less.
+// memory allows, one at head dim 256 (192 KB). Head dim 64 takes 192-key blocks (33% fewer
+// block iterations, each with its barrier waits, fences and row reductions, which at head
+// dim 64 weigh most next to the products; 192 KB; 256 keys spill 144 bytes), with a window
+// too: causal 8k gained 8% and 2k lost 2%. Head dim 128 takes 176-key blocks with one Q
+// buffer (208 KB) without a window and keeps 128 with one: causal on 176 keys gained 3-5%
+// at 8k-16k but lost 10% at 1k-2k, where the masked diagonal tiles weigh more.
 template <int kHeadDimClass, bool kHasWindow> struct Sm90ForwardClassConfig;
-template <>
-struct Sm90ForwardClassConfig<64, false> : Sm90ForwardConfig<64, 192, 3, true, 2> {};
-template <>
-struct Sm90ForwardClassConfig<64, true> : Sm90ForwardConfig<64, 128, 3, true, 2> {};
+template <bool kHasWindow>
+struct Sm90ForwardClassConfig<64, kHasWindow> : Sm90ForwardConfig<64, 192, 3, true, 2> {};
 template <>
 struct Sm90ForwardClassConfig<128, false> : Sm90ForwardConfig<128, 176, 2, false, 1> {};
 template <>
