@@ -18,6 +18,7 @@ from jax_flash.varlen import (
 )
 from jax_flash.sequence_parallel import (
     ring_attention,
+    ring_dropout_mask,
     sequence_parallel_attention,
     sequence_permutation,
     ulysses_attention,
@@ -40,6 +41,7 @@ __all__ = [
     "reference_attention",
     "reference_attn_with_kvcache",
     "ring_attention",
+    "ring_dropout_mask",
     "sequence_parallel_attention",
     "sequence_permutation",
     "ulysses_attention",

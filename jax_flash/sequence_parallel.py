@@ -14,6 +14,12 @@ Which part of the mask a (query block, key block) pair sees depends on the devic
 are only known at run time (``axis_index``); every device's plan for every step is known
 at trace time, so each step is a ``lax.switch`` over the distinct plans, and a plan is one
 or a few kernel calls whose mask diagonal is moved to the blocks' distance.
+
+Ring attention's dropout cannot draw flash_attn_func's mask of the whole sequence: the
+kernels number a mask's elements from each call's first query and key. It draws one mask
+per (query chunk, key chunk) pair instead, from the key folded with the pair's number
+(``ring_dropout_mask`` assembles them), so every element is still an independent draw
+with the same keep probability, and the forward and backward rings draw the same masks.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ def _chunks_per_device(layout, num_devices):
 
 
 def _chunk_ids(layout, num_devices, device):
+    """The global chunk numbers a device holds (device may be traced)."""
     if _chunks_per_device(layout, num_devices) == 2:
         return (device, 2 * num_devices - 1 - device)
     return (device,)
@@ -165,7 +172,9 @@ class _Ring:
                         mode = _piece_mode(offset, chunk_q, chunk_k, left, right)
                         keep = mode == "masked" or self.config.has_alibi
                         modes[(pq, pk)] = (mode, offset if keep else 0)
-                plan = _plan(modes, pieces, left, right, merge=not self.config.has_alibi)
+                # With dropout each chunk pair has its own mask: one call per pair.
+                merge = not (self.config.has_alibi or self.config.has_dropout)
+                plan = _plan(modes, pieces, left, right, merge=merge)
                 if plan not in plans:
                     plans.append(plan)
                 index.append(plans.index(plan))
@@ -228,7 +237,7 @@ def _accumulate(total, part):
 
 
 def _ring_steps(ring, blocks, branch, after_step=None):
-    """Runs carry = branch(plan, blocks, carry, first=...) at every step while the
+    """Runs carry = branch(plan, blocks, carry, first=..., step=...) at every step while the
     key/value blocks (k, v and the keys' segment ids) go round, then after_step(carry).
     The first step has no carry: nothing is accumulated yet."""
     n, carry = ring.num_devices, ()
@@ -237,7 +246,7 @@ def _ring_steps(ring, blocks, branch, after_step=None):
         if step + 1 < n:
             next_blocks = jax.tree.map(functools.partial(_shift, ring=ring), blocks)
         carry = _run_step(ring, step, (blocks, carry),
-                          functools.partial(branch, first=step == 0))
+                          functools.partial(branch, first=step == 0, step=step))
         if after_step is not None:
             carry = after_step(carry)
         if step + 1 < n:
@@ -257,30 +266,46 @@ class _Pieces:
     q: list
     slopes: jax.Array
     q_segment_ids: list  # one per piece, or None
+    pair_seeds: jax.Array  # dropout seeds of every chunk pair (_pair_seeds), or None
 
     @classmethod
-    def make(cls, ring, q, slopes, q_segment_ids):
+    def make(cls, ring, q, slopes, q_segment_ids, pair_seeds):
         ids = None if q_segment_ids is None else _split(q_segment_ids, ring.pieces, 1)
-        return cls(ring, _split(q, ring.pieces, 1), slopes, ids)
+        return cls(ring, _split(q, ring.pieces, 1), slopes, ids, pair_seeds)
 
-    def masks(self, call, seqlen_k, kv_segment_ids):
-        """The kernel's mask operands for one call of seqlen_k keys; kv_segment_ids: the
-        held block's (None without segment ids)."""
+    def seeds(self, call, step):
+        """The dropout seeds of a call at a ring step: its chunk pair's (one pair a call
+        when dropout is on; placeholders when it is off)."""
         batch, num_heads = self.q[0].shape[0], self.q[0].shape[2]
+        if self.pair_seeds is None:
+            return _checks.placeholder_seeds(batch, num_heads)
+        assert len(call.q_pieces) == len(call.k_pieces) == 1, call
+        ring, chunks = self.ring, self.ring.num_devices * self.ring.pieces
+        device = lax.axis_index(ring.axis_name)
+        source = (device - step) % ring.num_devices  # whose key block the device holds
+        q_chunk = _chunk_ids(ring.layout, ring.num_devices, device)[call.q_pieces[0]]
+        k_chunk = _chunk_ids(ring.layout, ring.num_devices, source)[call.k_pieces[0]]
+        pair = q_chunk * chunks + k_chunk
+        return lax.dynamic_index_in_dim(self.pair_seeds, pair, keepdims=False)
+
+    def masks(self, call, step, seqlen_k, kv_segment_ids):
+        """The kernel's mask operands for one call of seqlen_k keys at a ring step;
+        kv_segment_ids: the held block's (None without segment ids)."""
+        batch = self.q[0].shape[0]
         if self.q_segment_ids is None:
             seqlen_q = sum(self.q[i].shape[1] for i in call.q_pieces)
             q_ids, kv_ids = _checks.placeholder_segment_ids(batch, seqlen_q, seqlen_k)
         else:
             q_ids = _take(self.q_segment_ids, call.q_pieces, 1)
             kv_ids = _take(_split(kv_segment_ids, self.ring.pieces, 1), call.k_pieces, 1)
-        return self.slopes, q_ids, kv_ids, _checks.placeholder_seeds(batch, num_heads)
+        return self.slopes, q_ids, kv_ids, self.seeds(call, step)
 
 
-def _ring_forward(ring, q, k, v, slopes, q_segment_ids, kv_segment_ids):
+def _ring_forward(ring, q, k, v, slopes, q_segment_ids, kv_segment_ids, pair_seeds):
     pieces = ring.pieces
-    local = _Pieces.make(ring, q, slopes, q_segment_ids)
+    local = _Pieces.make(ring, q, slopes, q_segment_ids, pair_seeds)
 
-    def branch(plan, blocks, carry, first):
+    def branch(plan, blocks, carry, first, step):
         k, v, kv_ids = blocks
         out_acc, lse_acc = ([None] * pieces, [None] * pieces) if first else map(list, carry)
         k_pieces, v_pieces = _split(k, pieces, 1), _split(v, pieces, 1)
@@ -288,7 +313,7 @@ def _ring_forward(ring, q, k, v, slopes, q_segment_ids, kv_segment_ids):
             k_rows = _take(k_pieces, call.k_pieces, 1)
             out, lse = _batching.forward_fn(ring.call_config(call))(
                 _take(local.q, call.q_pieces, 1), k_rows, _take(v_pieces, call.k_pieces, 1),
-                *local.masks(call, k_rows.shape[1], kv_ids))
+                *local.masks(call, step, k_rows.shape[1], kv_ids))
             outs = _split(out, len(call.q_pieces), 1)
             lses = _split(lse, len(call.q_pieces), 2)
             for piece, o, l in zip(call.q_pieces, outs, lses):
@@ -306,14 +331,14 @@ def _ring_forward(ring, q, k, v, slopes, q_segment_ids, kv_segment_ids):
     return out.astype(q.dtype), lse
 
 
-def _ring_backward(ring, q, k, v, slopes, q_segment_ids, kv_segment_ids, out, lse, dout,
-                   dlse):
+def _ring_backward(ring, q, k, v, slopes, q_segment_ids, kv_segment_ids, pair_seeds, out,
+                   lse, dout, dlse):
     pieces = ring.pieces
-    local = _Pieces.make(ring, q, slopes, q_segment_ids)
+    local = _Pieces.make(ring, q, slopes, q_segment_ids, pair_seeds)
     out_pieces, dout_pieces = _split(out, pieces, 1), _split(dout, pieces, 1)
     lse_pieces, dlse_pieces = _split(lse, pieces, 2), _split(dlse, pieces, 2)
 
-    def branch(plan, blocks, carry, first):
+    def branch(plan, blocks, carry, first, step):
         k, v, kv_ids = blocks
         if first:
             dq_acc, dk_acc, dv_acc = [None] * pieces, [None] * pieces, [None] * pieces
@@ -327,7 +352,7 @@ def _ring_backward(ring, q, k, v, slopes, q_segment_ids, kv_segment_ids, out, ls
             dq, dk, dv = _batching.backward_fn(ring.call_config(call))(
                 rows(local.q), k_rows, _take(v_pieces, call.k_pieces, 1), rows(out_pieces),
                 rows(dout_pieces), rows(lse_pieces, 2), rows(dlse_pieces, 2),
-                *local.masks(call, k_rows.shape[1], kv_ids))
+                *local.masks(call, step, k_rows.shape[1], kv_ids))
             for piece, g in zip(call.q_pieces, _split(dq, len(call.q_pieces), 1)):
                 dq_acc[piece] = _accumulate(dq_acc[piece], g)
             for piece, gk, gv in zip(call.k_pieces, _split(dk, len(call.k_pieces), 1),
@@ -370,7 +395,8 @@ def _varying_axes(x):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _ring_attention(ring, q, k, v, masks):
-    """masks: (ALiBi slopes (batch, num_heads) float32, q and kv segment ids or None)."""
+    """masks: (ALiBi slopes (batch, num_heads) float32, q and kv segment ids or None,
+    dropout seeds of every chunk pair or None)."""
     out, lse = _ring_forward(ring, q, k, v, *masks)
     return _vary_like(out, q), _vary_like(lse, q)
 
@@ -386,9 +412,9 @@ def _ring_attention_bwd(ring, residuals, cotangents):
     grads = _ring_backward(ring, q, k, v, *masks, out, lse, dout.astype(out.dtype),
                            dlse.astype(jnp.float32))
     grads = tuple(_vary_like(g, x) for g, x in zip(grads, (q, k, v)))
-    # The slopes are constants (stop_gradient in ring_attention); the ids are integers.
+    # The slopes are constants (stop_gradient in ring_attention); ids and seeds are integers.
     slopes = masks[0]
-    return grads + ((jnp.zeros_like(slopes), None, None),)
+    return grads + ((jnp.zeros_like(slopes), None, None, None),)
 
 
 _ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
@@ -417,9 +443,43 @@ def _check_local_lengths(function, layout, num_devices, seqlen_q, seqlen_k):
                 f"by {pieces} for layout {layout!r} (each device holds {pieces} chunks)")
 
 
+def _pair_seeds(dropout_key, num_chunks, batch, num_heads):
+    """uint32 (num_chunks ** 2, batch, num_heads, 2): the dropout seeds of the chunk pair
+    (query chunk c, key chunk d) at c * num_chunks + d, drawn from the key folded with that
+    number."""
+    pairs = jnp.arange(num_chunks * num_chunks, dtype=jnp.uint32)
+    return jax.vmap(lambda pair: dropout.seeds(jax.random.fold_in(dropout_key, pair), batch,
+                                               num_heads))(pairs)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5, 6, 7))
+def ring_dropout_mask(dropout_key, dropout_p, batch, num_heads, seqlen_q, seqlen_k,
+                      num_devices, layout="zigzag"):
+    """Which attention probabilities ring_attention(..., dropout_p, dropout_key=...) keeps,
+    for global lengths seqlen_q, seqlen_k on num_devices: boolean (batch, num_heads,
+    seqlen_q, seqlen_k) in global order (not the sharded one). Each (query chunk, key chunk)
+    pair of the layout has its own draw; the mask does not depend on the attention mask,
+    ALiBi or segment ids. For tests and inspection: it materializes the mask."""
+    _check_layout(layout)
+    chunks = _chunks_per_device(layout, num_devices) * num_devices
+    if seqlen_q % chunks or seqlen_k % chunks:
+        raise ValueError(
+            f"seqlen_q ({seqlen_q}) and seqlen_k ({seqlen_k}) must be divisible by {chunks} "
+            f"for layout {layout!r} on {num_devices} devices")
+    dropout_p = _checks.check_dropout(dropout_p, dropout_key)
+    seeds = _pair_seeds(dropout_key, chunks, batch, num_heads)
+    blocks = jax.vmap(lambda s: dropout.mask_from_seeds(s, dropout_p, seqlen_q // chunks,
+                                                        seqlen_k // chunks))(seeds)
+    blocks = blocks.reshape(chunks, chunks, batch, num_heads, seqlen_q // chunks,
+                            seqlen_k // chunks)
+    return jnp.transpose(blocks, (2, 3, 0, 4, 1, 5)).reshape(batch, num_heads, seqlen_q,
+                                                              seqlen_k)
+
+
 def ring_attention(q, k, v, axis_name, *, causal=False, softmax_scale=None,
                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None, layout="zigzag",
-                   return_lse=False, q_segment_ids=None, kv_segment_ids=None):
+                   return_lse=False, q_segment_ids=None, kv_segment_ids=None, dropout_p=0.0,
+                   dropout_key=None):
     """Attention over a sequence sharded on ``axis_name``, for use inside ``shard_map``.
 
     q: (batch, seqlen_q / n, num_heads, head_dim) and k, v: (batch, seqlen_k / n,
@@ -430,7 +490,11 @@ def ring_attention(q, k, v, axis_name, *, causal=False, softmax_scale=None,
     are the local (batch, seqlen / n) blocks, sharded like q and k, and the kv ids travel
     with k and v. Returns the local output (and its lse, (batch, num_heads, seqlen_q / n)
     float32). No device ever holds more than its own block and one travelling key/value
-    block.
+    block. dropout_p, dropout_key: attention dropout, with one mask per (query chunk, key
+    chunk) pair (``ring_dropout_mask`` gives the whole-sequence mask; it is not
+    flash_attn_func's, which ulysses_attention draws). The key must be the same on every
+    device of the axis; where the batch is also sharded, fold the batch shard's index into
+    it (as sequence_parallel_attention does).
     """
     _check_layout(layout)
     num_devices = _axis_size(axis_name, "ring_attention")
@@ -443,6 +507,7 @@ def ring_attention(q, k, v, axis_name, *, causal=False, softmax_scale=None,
     # and no overflow in the kernels' index arithmetic).
     window_left, window_right = _checks.drop_idle_window_sides(
         *_checks.check_window(window_size, causal), 2 * (seqlen_q + seqlen_k) * num_devices)
+    dropout_p = _checks.check_dropout(dropout_p, dropout_key)
     config = KernelConfig(
         softmax_scale=_checks.check_softmax_scale(softmax_scale, head_dim),
         softcap=_checks.check_softcap(softcap),
@@ -451,13 +516,18 @@ def ring_attention(q, k, v, axis_name, *, causal=False, softmax_scale=None,
         diagonal_offset=0,
         has_alibi=slopes is not None,
         has_segment_ids=has_segment_ids,
+        has_dropout=dropout_p > 0.0,
+        dropout_keep_threshold=dropout.keep_threshold(dropout_p),
+        dropout_scale=dropout.keep_scale(dropout_p),
     )
     ring = _Ring(config, axis_name, num_devices, layout, seqlen_q * num_devices,
                  seqlen_k * num_devices)
     slopes = (jnp.zeros((batch, num_heads), jnp.float32) if slopes is None
               else lax.stop_gradient(slopes))
     masks = (slopes, q_ids, kv_ids) if has_segment_ids else (slopes, None, None)
-    out, lse = _ring_attention(ring, q, k, v, masks)
+    pair_seeds = (_pair_seeds(dropout_key, num_devices * ring.pieces, batch, num_heads)
+                  if dropout_p > 0.0 else None)
+    out, lse = _ring_attention(ring, q, k, v, masks + (pair_seeds,))
     return (out, lse) if return_lse else out
 
 
@@ -556,17 +626,13 @@ def sequence_parallel_attention(q, k, v, mesh, axis_name, *, method="ring", batc
     with ``sequence_permutation``); the sequence axis is split over ``axis_name`` of
     ``mesh`` and, if given, the batch over ``batch_axis``. kwargs go to the method; the
     global segment ids (batch, seqlen), in the same order, are split like q, k and v, and
-    (batch, num_heads) ALiBi slopes like the batch. Dropout (dropout_p, dropout_key) is
-    Ulysses' only; with batch_axis each batch shard folds its index into the key. Returns
-    global arrays in the same order and sharding.
+    (batch, num_heads) ALiBi slopes like the batch. With dropout (dropout_p, dropout_key)
+    and batch_axis, each batch shard folds its index into the key. Returns global arrays in
+    the same order and sharding.
     """
     methods = {"ring": ring_attention, "ulysses": ulysses_attention}
     if method not in methods:
         raise ValueError(f"method must be one of {tuple(methods)}, got {method!r}")
-    if method == "ring" and ("dropout_p" in kwargs or "dropout_key" in kwargs):
-        raise ValueError(
-            "dropout_p / dropout_key: attention dropout runs with method='ulysses' only (ring "
-            "attention's block pairs would each need their own mask of one whole-sequence draw)")
     if axis_name not in mesh.axis_names:
         raise ValueError(f"axis_name {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
     P = jax.sharding.PartitionSpec

@@ -166,39 +166,66 @@ def test_ulysses_more_devices_than_kv_heads_with_alibi():
           with_alibi="heads")
 
 
-@pytest.mark.parametrize("batch_axis", [None, "data"])
-@pytest.mark.parametrize("mask_name", ["none", "causal_window_softcap"])
+def dropout_masks(method, key, p, batch, heads, seqlen_q, seqlen_k, num_devices, layout):
+    """The mask a method draws from `key` over the whole sequence, in global order: Ulysses
+    draws flash_attn_func's, ring attention one per chunk pair (ring_dropout_mask)."""
+    if method == "ulysses":
+        return jf.dropout_mask(key, p, batch, heads, seqlen_q, seqlen_k)
+    return jf.ring_dropout_mask(key, p, batch, heads, seqlen_q, seqlen_k, num_devices, layout)
+
+
+@pytest.mark.parametrize("mask_name", ["none", "causal", "causal_window_softcap"])
 @pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
-def test_ulysses_dropout_draws_the_one_device_masks(layout, mask_name, batch_axis):
-    """Ulysses with dropout against the float64 reference with flash_attn_func's mask of the
-    whole call (the same key), forward and gradients; with the batch sharded too, each
-    batch shard draws the masks of the key folded with its index."""
-    batch, seqlen, heads, heads_kv, head_dim, p = 2, 64, 8, 2, 16, 0.25
+@pytest.mark.parametrize("method", ["ulysses", "ring"])
+def test_dropout_against_the_methods_masks(method, layout, mask_name):
+    """Ring and Ulysses attention with dropout against the float64 reference under the mask
+    the method documents for the key, forward and gradients."""
+    check_dropout(method, layout, mask_name, None, seqlen_q=64, seqlen_k=64)
+
+
+@pytest.mark.parametrize("method", ["ulysses", "ring"])
+def test_dropout_with_the_batch_sharded_too(method):
+    """Each batch shard draws the masks of the key folded with its index."""
+    check_dropout(method, "zigzag", "causal_window_softcap", "data", seqlen_q=64, seqlen_k=64)
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(32, 64), (64, 32)])
+def test_ring_dropout_unequal_lengths_with_alibi(seqlen_q, seqlen_k):
+    check_dropout("ring", "zigzag", "causal", None, seqlen_q, seqlen_k, with_alibi=True)
+
+
+def check_dropout(method, layout, mask_name, batch_axis, seqlen_q, seqlen_k, with_alibi=False):
+    batch, heads, heads_kv, head_dim, p = 2, 8, 2, 16, 0.25
     num_devices = 4
-    q, k, v = random_qkv(11, batch, seqlen, seqlen, heads, heads_kv, head_dim, jnp.float32)
-    perm = jf.sequence_permutation(seqlen, num_devices, layout)
+    q, k, v = random_qkv(11, batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, jnp.float32)
+    perm_q = jf.sequence_permutation(seqlen_q, num_devices, layout)
+    perm_k = jf.sequence_permutation(seqlen_k, num_devices, layout)
     key = jax.random.key(21)
+    masks = functools.partial(dropout_masks, method, p=p, heads=heads, seqlen_q=seqlen_q,
+                              seqlen_k=seqlen_k, num_devices=num_devices, layout=layout)
     if batch_axis is None:
         mesh = mesh_of(num_devices)
-        mask = jf.dropout_mask(key, p, batch, heads, seqlen, seqlen)
+        mask = masks(key=key, batch=batch)
     else:
         mesh = Mesh(np.array(jax.devices("cpu")[:2 * num_devices]).reshape(2, num_devices),
                     ("data", "sp"))
-        mask = jnp.concatenate([jf.dropout_mask(jax.random.fold_in(key, shard), p, 1, heads,
-                                                seqlen, seqlen) for shard in range(2)])
+        mask = jnp.concatenate([masks(key=jax.random.fold_in(key, shard), batch=1)
+                                for shard in range(2)])
     kwargs = dict(MASKS[mask_name])
+    if with_alibi:
+        kwargs["alibi_slopes"] = alibi_slopes_for(heads)
 
     def parallel(q, k, v, key):
         return jf.sequence_parallel_attention(
-            q, k, v, mesh, "sp", method="ulysses", batch_axis=batch_axis, layout=layout,
+            q, k, v, mesh, "sp", method=method, batch_axis=batch_axis, layout=layout,
             return_lse=True, dropout_p=p, dropout_key=key, **kwargs)
 
     def single(q, k, v):
         return reference(q, k, v, return_lse=True, dropout_mask=mask,
                          dropout_scale=jf.dropout.keep_scale(p), **kwargs)
 
-    inverse = np.argsort(perm)
-    out, lse = jax.jit(parallel)(q[:, perm], k[:, perm], v[:, perm], key)
+    inverse = np.argsort(perm_q)
+    out, lse = jax.jit(parallel)(q[:, perm_q], k[:, perm_k], v[:, perm_k], key)
     exact = single(*map(to64, (q, k, v)))
     plain = single(q, k, v)
     assert_within_twice_plain("out", out[:, inverse], plain[0], exact[0], jnp.float32)
@@ -207,15 +234,38 @@ def test_ulysses_dropout_draws_the_one_device_masks(layout, mask_name, batch_axi
     assert float(jnp.max(jnp.abs(out[:, inverse] - no_dropout))) > 0.05  # masks were drawn
 
     rng = np.random.default_rng(12)
-    out_cot = jnp.asarray(rng.standard_normal(q.shape))[:, perm]
-    lse_cot = jnp.asarray(rng.standard_normal(lse.shape))[:, :, perm]
+    out_cot = jnp.asarray(rng.standard_normal(q.shape))[:, perm_q]
+    lse_cot = jnp.asarray(rng.standard_normal(lse.shape))[:, :, perm_q]
     grads = jax.jit(jax.grad(losses(lambda q, k, v: parallel(q, k, v, key)), argnums=(0, 1, 2)))(
-        q[:, perm], k[:, perm], v[:, perm], out_cot, lse_cot)
-    grad_ref = jax.jit(jax.grad(losses(single, perm), argnums=(0, 1, 2)))
+        q[:, perm_q], k[:, perm_k], v[:, perm_k], out_cot, lse_cot)
+    grad_ref = jax.jit(jax.grad(losses(single, perm_q), argnums=(0, 1, 2)))
     exact_grads = grad_ref(*map(to64, (q, k, v)), out_cot, lse_cot)
     plain_grads = grad_ref(q, k, v, out_cot, lse_cot)
-    for name, g, ex, pl in zip(("dq", "dk", "dv"), grads, exact_grads, plain_grads):
-        assert_within_twice_plain(name, g[:, inverse], pl, ex, jnp.float32)
+    for name, g, ex, pl, perm in zip(("dq", "dk", "dv"), grads, exact_grads, plain_grads,
+                                     (perm_q, perm_k, perm_k)):
+        assert_within_twice_plain(name, g[:, np.argsort(perm)], pl, ex, jnp.float32)
+
+
+def test_ring_dropout_mask_draws_each_chunk_pair_apart():
+    """Every element is its own draw: the keep rate is 1 - p, and no two chunk pairs (nor
+    two keys, nor the batch rows) repeat one mask."""
+    p, chunks, size = 0.3, 8, 16
+    mask = np.asarray(jf.ring_dropout_mask(jax.random.key(5), p, 2, 3, chunks * size,
+                                           chunks * size, 4, "zigzag"))
+    assert mask.shape == (2, 3, chunks * size, chunks * size)
+    assert abs(mask.mean() - (1 - p)) < 0.01
+    blocks = mask.reshape(2, 3, chunks, size, chunks, size).transpose(0, 1, 2, 4, 3, 5)
+    blocks = blocks.reshape(2, 3, chunks * chunks, size * size)
+    for b in range(2):
+        for h in range(3):
+            agreement = (blocks[b, h][:, None] == blocks[b, h][None]).mean(-1)
+            off_diagonal = agreement[~np.eye(chunks * chunks, dtype=bool)]
+            # Independent pairs agree on p^2 + (1 - p)^2 = 0.58 of their elements.
+            assert off_diagonal.max() < 0.75, off_diagonal.max()
+    assert (mask[0] != mask[1]).mean() > 0.3
+    other_key = np.asarray(jf.ring_dropout_mask(jax.random.key(6), p, 2, 3, chunks * size,
+                                                chunks * size, 4, "zigzag"))
+    assert (mask != other_key).mean() > 0.3
 
 
 @pytest.mark.parametrize("mask_name", ["none", "causal", "causal_window_softcap"])
@@ -335,9 +385,10 @@ def test_errors():
         with pytest.raises(ValueError, match="alibi_slopes must have shape"):
             jf.sequence_parallel_attention(q, k, v, mesh, "sp", method=method,
                                            alibi_slopes=jnp.ones((3,), jnp.float32))
-    with pytest.raises(ValueError, match="dropout runs with method='ulysses' only"):
-        jf.sequence_parallel_attention(q, k, v, mesh, "sp", dropout_p=0.1,
-                                       dropout_key=jax.random.key(0))
+    with pytest.raises(ValueError, match="dropout_p > 0 needs dropout_key"):
+        jf.sequence_parallel_attention(q, k, v, mesh, "sp", dropout_p=0.1)
+    with pytest.raises(ValueError, match="must be divisible by 8 for layout 'zigzag'"):
+        jf.ring_dropout_mask(jax.random.key(0), 0.1, 1, 2, 60, 64, 4)
     with pytest.raises(ValueError, match="dropout_p > 0 needs dropout_key"):
         jf.sequence_parallel_attention(q, k, v, mesh, "sp", method="ulysses", dropout_p=0.1)
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
