@@ -72,3 +72,14 @@ for name, out in (("ring", out_ring), ("ulysses", out_ulysses)):
     print(f"{name:8s} on {n} {devices[0].platform} devices: out {out.shape}, sharding "
           f"{out.sharding.spec}, max |difference| from one device {float(error):.2e}")
 print(f"ring loss {float(loss):.6f}; dq {grads[0].shape} sharded as {grads[0].sharding.spec}")
+
+# 4. Attention dropout in training: the same key on every device. Ring attention draws one
+#    mask per (query chunk, key chunk) pair; jf.ring_dropout_mask shows the whole mask.
+dropout_key = jax.random.key(1)
+out_dropout = jax.jit(lambda q, k, v, key: jf.sequence_parallel_attention(
+    q, k, v, mesh, "seq", method="ring", causal=True, layout="zigzag", dropout_p=0.1,
+    dropout_key=key))(q_sp, k_sp, v_sp, dropout_key)
+mask = jf.ring_dropout_mask(dropout_key, 0.1, batch, heads, args.seqlen, args.seqlen, n)
+visible = np.tril(np.ones((args.seqlen, args.seqlen), bool))
+print(f"ring with dropout 0.1: out {out_dropout.shape}; the mask keeps "
+      f"{float(jnp.mean(mask[:, :, visible])):.3f} of the visible probabilities")

@@ -54,6 +54,8 @@ def test_ring_attention_example():
     assert len(lines) == 2, output
     for line in lines:
         assert "on 8 cpu devices" in line and float(line.rsplit(" ", 1)[1]) < 1e-5, line
+    kept = re.search(r"the mask keeps (\S+) of the visible probabilities", output)
+    assert kept and abs(float(kept.group(1)) - 0.9) < 0.02, output
 
 
 @pytest.mark.parametrize("cache", [[], ["--paged"]], ids=["contiguous", "paged"])
