@@ -117,9 +117,7 @@ def _attention(
         has_alibi=slopes is not None,
         has_segment_ids=has_segment_ids,
         deterministic=_checks.check_deterministic(deterministic),
-        has_dropout=has_dropout,
-        dropout_keep_threshold=dropout.keep_threshold(dropout_p),
-        dropout_scale=dropout.keep_scale(dropout_p),
+        **dropout.kernel_fields(dropout_p),
     )
     if slopes is None:
         slopes = jnp.zeros((batch, num_heads), jnp.float32)

@@ -59,6 +59,12 @@ def keep_scale(dropout_p):
     return KEEP_RESOLUTION / keep_threshold(dropout_p)
 
 
+def kernel_fields(dropout_p):
+    """KernelConfig's dropout fields for a checked dropout_p (0 turns dropout off)."""
+    return dict(has_dropout=dropout_p > 0.0, dropout_keep_threshold=keep_threshold(dropout_p),
+                dropout_scale=keep_scale(dropout_p))
+
+
 def _check_key(dropout_key):
     dtype = getattr(dropout_key, "dtype", None)
     if dtype is None:

@@ -516,9 +516,7 @@ def ring_attention(q, k, v, axis_name, *, causal=False, softmax_scale=None,
         diagonal_offset=0,
         has_alibi=slopes is not None,
         has_segment_ids=has_segment_ids,
-        has_dropout=dropout_p > 0.0,
-        dropout_keep_threshold=dropout.keep_threshold(dropout_p),
-        dropout_scale=dropout.keep_scale(dropout_p),
+        **dropout.kernel_fields(dropout_p),
     )
     ring = _Ring(config, axis_name, num_devices, layout, seqlen_q * num_devices,
                  seqlen_k * num_devices)
