@@ -53,18 +53,25 @@ def sequence_permutation(seqlen, num_devices, layout="zigzag"):
     position ids, targets) follows with the same ``perm``; ``jnp.argsort(perm)`` undoes it.
     "contiguous" is the identity; "zigzag" needs seqlen divisible by 2 * num_devices.
     """
+    size = _chunk_size("seqlen", seqlen, num_devices, layout)
+    chunks = seqlen // size
+    order = [c for device in range(num_devices) for c in _chunk_ids(layout, num_devices, device)]
+    return np.concatenate([np.arange(c * size, (c + 1) * size) for c in order])
+
+
+def _chunk_size(name, seqlen, num_devices, layout):
+    """The length of one chunk of a global sequence of `seqlen` (named `name` in errors)
+    cut for `layout` on num_devices devices."""
     _check_layout(layout)
-    for name, value in (("seqlen", seqlen), ("num_devices", num_devices)):
+    for what, value in ((name, seqlen), ("num_devices", num_devices)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise ValueError(f"{what} must be a positive int, got {value!r}")
     chunks = _chunks_per_device(layout, num_devices) * num_devices
     if seqlen % chunks:
         raise ValueError(
-            f"seqlen {seqlen} must be divisible by {chunks} for layout {layout!r} on "
+            f"{name} {seqlen} must be divisible by {chunks} for layout {layout!r} on "
             f"{num_devices} devices")
-    size = seqlen // chunks
-    order = [c for device in range(num_devices) for c in _chunk_ids(layout, num_devices, device)]
-    return np.concatenate([np.arange(c * size, (c + 1) * size) for c in order])
+    return seqlen // chunks
 
 
 def _chunks_per_device(layout, num_devices):
@@ -460,18 +467,13 @@ def ring_dropout_mask(dropout_key, dropout_p, batch, num_heads, seqlen_q, seqlen
     seqlen_q, seqlen_k) in global order (not the sharded one). Each (query chunk, key chunk)
     pair of the layout has its own draw; the mask does not depend on the attention mask,
     ALiBi or segment ids. For tests and inspection: it materializes the mask."""
-    _check_layout(layout)
-    chunks = _chunks_per_device(layout, num_devices) * num_devices
-    if seqlen_q % chunks or seqlen_k % chunks:
-        raise ValueError(
-            f"seqlen_q ({seqlen_q}) and seqlen_k ({seqlen_k}) must be divisible by {chunks} "
-            f"for layout {layout!r} on {num_devices} devices")
+    chunk_q = _chunk_size("seqlen_q", seqlen_q, num_devices, layout)
+    chunk_k = _chunk_size("seqlen_k", seqlen_k, num_devices, layout)
+    chunks = seqlen_q // chunk_q
     dropout_p = _checks.check_dropout(dropout_p, dropout_key)
     seeds = _pair_seeds(dropout_key, chunks, batch, num_heads)
-    blocks = jax.vmap(lambda s: dropout.mask_from_seeds(s, dropout_p, seqlen_q // chunks,
-                                                        seqlen_k // chunks))(seeds)
-    blocks = blocks.reshape(chunks, chunks, batch, num_heads, seqlen_q // chunks,
-                            seqlen_k // chunks)
+    blocks = jax.vmap(lambda s: dropout.mask_from_seeds(s, dropout_p, chunk_q, chunk_k))(seeds)
+    blocks = blocks.reshape(chunks, chunks, batch, num_heads, chunk_q, chunk_k)
     return jnp.transpose(blocks, (2, 3, 0, 4, 1, 5)).reshape(batch, num_heads, seqlen_q,
                                                               seqlen_k)
 
