@@ -215,6 +215,47 @@ def test_ring_attention_on_one_gpu_equals_the_op(causal):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
 
 
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ring_attention_dropout_on_one_gpu_draws_its_documented_mask(causal):
+    """Ring attention's dropout on a one-device mesh: the kernels under the seeds it passes
+    apply jf.ring_dropout_mask's mask, forward and gradients (2x rule, float32 reference)."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    mesh = Mesh(np.array(GPU[:1]), ("seq",))
+    spec = P(None, "seq", None, None)
+    batch, seqlen, heads, p = 2, 1000, 4, 0.2
+    q, k, v = random_qkv(13, batch, seqlen, seqlen, heads, 2, 128, jnp.bfloat16)
+    key = jax.random.key(31)
+    # One device holds one chunk in either layout, so the layouts draw the same mask.
+    mask = jf.ring_dropout_mask(key, p, batch, heads, seqlen, seqlen, 1, "zigzag")
+
+    def ring(q, k, v):
+        return jax.shard_map(
+            lambda q, k, v: jf.ring_attention(q, k, v, "seq", causal=causal, dropout_p=p,
+                                              dropout_key=key),
+            mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
+
+    def single(q, k, v):
+        return jf.reference_attention(q, k, v, causal=causal, dropout_mask=mask,
+                                      dropout_scale=dropout.keep_scale(p))
+
+    rng = np.random.default_rng(14)
+    cotangent = jnp.asarray(rng.standard_normal(q.shape, np.float32))
+    exact_inputs = [x.astype(jnp.float32) for x in (q, k, v)]
+    out, ring_vjp = jax.vjp(jax.jit(ring), q, k, v)
+    exact, exact_vjp = jax.vjp(single, *exact_inputs)
+    plain, plain_vjp = jax.vjp(single, q, k, v)
+    assert_within_twice_plain("out", out, plain, exact, jnp.bfloat16)
+    no_dropout = jf.reference_attention(*exact_inputs, causal=causal)
+    assert float(jnp.max(jnp.abs(exact - no_dropout))) > 0.05  # the mask drops something
+    grads = ring_vjp(cotangent.astype(out.dtype))
+    exact_grads = exact_vjp(cotangent)
+    plain_grads = plain_vjp(cotangent.astype(plain.dtype))
+    for name, g, ex, pl in zip(("dq", "dk", "dv"), grads, exact_grads, plain_grads):
+        assert_within_twice_plain(name, g, pl, ex, jnp.bfloat16)
+
+
 @pytest.mark.parametrize("shape", [(2, 300, 500, 8, 2, 128), (2, 500, 300, 4, 4, 64)], ids=str)
 @pytest.mark.parametrize("masks", [dict(is_causal=True), dict(local_window_size=(64, 16)),
                                    dict(is_causal=True, local_window_size=(100, 0))], ids=str)
