@@ -11,6 +11,8 @@
 #   AB_POINTS="128:1024 2048:0 1;64:2048:1" bash benchmarks/ab_builds.sh
 # AB_POINTS: head_dim:seqlens:causal[:modes] groups, ';'-separated; a group without modes
 # takes AB_MODES (default "fwd fwd_bwd").
+# AB_IMPLS (default jax_flash): bench_attention.py's jax_flash implementations timed in every
+# round (jax_flash_wide_window prices the windowed kernels on the plain op's work).
 # AB_ROUNDS (default 2). AB_PEERS (default cudnn): timed beside A's first round only. The
 # build must have run once in this machine's tree (device_run.sh build), or the first build
 # is from scratch.
@@ -57,9 +59,9 @@ done
 for round in $(seq 1 "${AB_ROUNDS:-2}"); do
   for label in $labels; do
     if [ "$label" = A ] && [ "$round" = 1 ]; then
-      bench A 1 jax_flash ${AB_PEERS-cudnn}
+      bench A 1 ${AB_IMPLS:-jax_flash} ${AB_PEERS-cudnn}
     else
-      bench "$label" "$round" jax_flash
+      bench "$label" "$round" ${AB_IMPLS:-jax_flash}
     fi
   done
 done
@@ -78,8 +80,8 @@ for label in labels:
             if not row.get("tflops"):
                 continue
             key = (row["head_dim"], row["seqlen"], row["causal"], row["mode"])
-            if row["impl"] == "jax_flash":
-                runs.setdefault(key, {}).setdefault(label, []).append(row["tflops"])
+            if row["impl"].startswith("jax_flash"):
+                runs.setdefault(key + (row["impl"],), {}).setdefault(label, []).append(row["tflops"])
             else:
                 peers.setdefault(key, {})[row["impl"]] = row["tflops"]
 variants = labels[1:]
@@ -88,13 +90,15 @@ columns = labels + ["A spread"] + [f"{v}/A" for v in variants] + peer_names
 print("| point | " + " | ".join(columns) + " |")
 print("|---" * (len(columns) + 1) + "|")
 for key in sorted(runs):
-    d, s, causal, mode = key
+    d, s, causal, mode, impl = key
     values = runs[key]
     mean = {label: statistics.mean(values[label]) for label in labels if label in values}
     cells = [f"{mean[label]:.1f}" if label in mean else "-" for label in labels]
     a = values.get("A", [])
     cells.append(f"{100 * (max(a) - min(a)) / mean['A']:.1f}%" if len(a) > 1 else "-")
     cells += [f"{mean[v] / mean['A']:.3f}" if v in mean and "A" in mean else "-" for v in variants]
-    cells += [f"{peers[key][name]:.1f}" if name in peers.get(key, {}) else "-" for name in peer_names]
-    print(f"| d{d} {s} {'causal ' if causal else ''}{mode} | " + " | ".join(cells) + " |")
+    point_peers = peers.get(key[:4], {})
+    cells += [f"{point_peers[name]:.1f}" if name in point_peers else "-" for name in peer_names]
+    variant = "" if impl == "jax_flash" else " " + impl[len("jax_flash_"):]
+    print(f"| d{d} {s} {'causal ' if causal else ''}{mode}{variant} | " + " | ".join(cells) + " |")
 PY
