@@ -185,19 +185,27 @@ def test_float32_on_gpu_is_a_clear_error():
         jax.block_until_ready(jf.flash_attn_func(q, k, v))
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_ring_attention_on_one_gpu_equals_the_op(causal):
-    """The ring machinery on a one-device mesh (inside the user's shard_map, with shard_map's
-    type checks on): the same numbers as flash_attn_func, forward and gradients."""
+def ring_on_one_gpu(**kwargs):
+    """ring_attention(q, k, v, **kwargs) inside the user's shard_map over a one-device mesh
+    of the first GPU (with shard_map's type checks on), as a function of global q, k, v."""
     from jax.sharding import Mesh, PartitionSpec as P
 
     mesh = Mesh(np.array(GPU[:1]), ("seq",))
     spec = P(None, "seq", None, None)
-    q, k, v = random_qkv(11, 2, 2048, 2048, 8, 2, 128, jnp.bfloat16)
 
     def ring(q, k, v):
-        return jax.shard_map(lambda q, k, v: jf.ring_attention(q, k, v, "seq", causal=causal),
+        return jax.shard_map(lambda q, k, v: jf.ring_attention(q, k, v, "seq", **kwargs),
                              mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
+
+    return ring
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_ring_attention_on_one_gpu_equals_the_op(causal):
+    """The ring machinery on a one-device mesh: the same numbers as flash_attn_func, forward
+    and gradients."""
+    q, k, v = random_qkv(11, 2, 2048, 2048, 8, 2, 128, jnp.bfloat16)
+    ring = ring_on_one_gpu(causal=causal)
 
     def plain(q, k, v):
         return jf.flash_attn_func(q, k, v, causal=causal)
@@ -218,26 +226,17 @@ def test_ring_attention_on_one_gpu_equals_the_op(causal):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(e))
 
 
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_ring_attention_dropout_on_one_gpu_draws_its_documented_mask(causal):
     """Ring attention's dropout on a one-device mesh: the kernels under the seeds it passes
     apply jf.ring_dropout_mask's mask, forward and gradients (2x rule, float32 reference)."""
-    from jax.sharding import Mesh, PartitionSpec as P
-
-    mesh = Mesh(np.array(GPU[:1]), ("seq",))
-    spec = P(None, "seq", None, None)
     batch, seqlen, heads, p = 2, 1000, 4, 0.2
     q, k, v = random_qkv(13, batch, seqlen, seqlen, heads, 2, 128, jnp.bfloat16)
     key = jax.random.key(31)
     # One device holds one chunk in either layout, so the layouts draw the same mask.
     mask = jf.ring_dropout_mask(key, p, batch, heads, seqlen, seqlen, 1, "zigzag")
 
-    def ring(q, k, v):
-        return jax.shard_map(
-            lambda q, k, v: jf.ring_attention(q, k, v, "seq", causal=causal, dropout_p=p,
-                                              dropout_key=key),
-            mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
+    ring = ring_on_one_gpu(causal=causal, dropout_p=p, dropout_key=key)
 
     def single(q, k, v):
         return jf.reference_attention(q, k, v, causal=causal, dropout_mask=mask,
