@@ -9,8 +9,8 @@
 # builds of one tree (2026-12-06). Run from the project root.
 #   AB_VARIANTS="uniform:.try/u.patch staged:.try/t.patch" \
 #   AB_POINTS="128:1024 2048:0 1;64:2048:1" bash benchmarks/ab_builds.sh
-# AB_POINTS: head_dim:seqlens:causal[:modes] groups, ';'-separated; a group without modes
-# takes AB_MODES (default "fwd fwd_bwd").
+# AB_POINTS: head_dim:seqlens:causal[:modes[:impls]] groups, ';'-separated; a group without
+# modes takes AB_MODES (default "fwd fwd_bwd"), one without impls the round's.
 # AB_IMPLS (default jax_flash): bench_attention.py's jax_flash implementations timed in every
 # round (jax_flash_wide_window prices the windowed kernels on the plain op's work).
 # AB_ROUNDS (default 2). AB_PEERS (default cudnn): timed beside A's first round only. The
@@ -35,14 +35,14 @@ build() {  # build LABEL: the tree as it stands into $WHEELS/LABEL
   echo "== $1 built in $(( $(date +%s) - start )) s"
 }
 bench() {  # bench LABEL ROUND IMPLS...: LABEL's wheel installed, then timed
-  local label=$1 round=$2 group d seqlens causal modes index=0
+  local label=$1 round=$2 group d seqlens causal modes impls index=0
   shift 2
   $PY -m pip install --no-deps --no-index --force-reinstall -q "$WHEELS/$label"/*.whl || return 1
   IFS=';' read -ra groups <<< "${AB_POINTS:-128:1024 2048:0 1}"
   for group in "${groups[@]}"; do
-    IFS=: read -r d seqlens causal modes <<< "$group"
+    IFS=: read -r d seqlens causal modes impls <<< "$group"
     (cd /tmp && $PY "$ROOT/benchmarks/bench_attention.py" --head-dims $d --seqlens $seqlens \
-      --causal $causal --modes ${modes:-${AB_MODES:-fwd fwd_bwd}} --impls "$@" \
+      --causal $causal --modes ${modes:-${AB_MODES:-fwd fwd_bwd}} --impls ${impls:-$@} \
       --json "$OUT/ab/$label.$round.$index.json") 2>&1 | grep "d=" | sed "s/^/[$label $round] /"
     index=$((index + 1))
   done
