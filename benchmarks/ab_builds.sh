@@ -19,7 +19,8 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
 WHEELS=${AB_WHEELS:-/tmp/jax_flash_ab_wheels}  # outside $OUT: the device tool would send them back
-mkdir -p "$OUT/ab"
+# A machine may keep /tmp from an earlier call: its timings must not join this A/B's means.
+rm -rf "$OUT/ab" && mkdir -p "$OUT/ab"
 ROOT=$(pwd)
 PY=${PY:-python3}
 
