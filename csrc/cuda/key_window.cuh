@@ -1,5 +1,5 @@
 // Which keys each query sees, in the CUDA kernels' 32-bit indices (KeyWindow).
-// Host-compilable: tests/test_key_window_host.py checks it against the CPU's visible_keys
+// Host-compilable: tests/test_host_checks.py checks it against the CPU's visible_keys
 // and visible_queries, because the kernels must agree with the CPU code on exactly this.
 #pragma once
 

@@ -77,8 +77,9 @@ Status launch_backward_sm90(const AttentionParams& p, const BackwardWorkspace& w
       !s.ok())
     return s;
   // Persistent, as the forward.
-  const int64_t units = p.has_window() ? Sm90BackwardUnits<true>::make(p, Config::kBlockN).count
-                                       : Sm90BackwardUnits<false>::make(p, Config::kBlockN).count;
+  const int64_t units = p.has_window()
+                            ? Sm90BackwardUnits<true>::make(p, Config::kBlockN).order.units()
+                            : Sm90BackwardUnits<false>::make(p, Config::kBlockN).order.units();
   if (units > std::numeric_limits<int32_t>::max())
     return Status::Unimplemented("jax_flash CUDA: the sm90 backward has " +
                                  std::to_string(units) + " units of work, over 2^31 - 1");

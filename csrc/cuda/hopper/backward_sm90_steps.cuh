@@ -16,6 +16,7 @@
 #include "cuda/fragments.cuh"
 #include "cuda/hopper/sm90_ptx.cuh"
 #include "cuda/hopper/staged_store.cuh"
+#include "cuda/hopper/tile_order.cuh"
 #include "cuda/scores.cuh"
 
 namespace jax_flash::cuda {
@@ -74,47 +75,35 @@ struct Sm90BackwardTile {
   QuerySteps<kBlockM> steps;
 };
 
-// The persistent backward's work. A tile is one key block of one (batch, kv head). A unit
-// is one tile or, paired (where a mask window makes key blocks' work differ), two tiles of
-// one (batch, kv head): the i-th key block from the start and the i-th from the end, whose
-// work under a causal mask adds up to the same in every unit. CTA c takes units c,
-// c + gridDim.x, ...: equal units keep the CTAs balanced, and neighbouring units share a
-// (batch, kv head), so the CTAs running at once read the same Q and dO and add into the
-// same dQ rows in L2.
+// The persistent backward's work: a tile is one key block of one (batch, kv head), taken
+// in TileOrder (paired where a mask window makes key blocks' work differ; index 0, the
+// first key block, has the most work under a causal mask).
 template <bool kPaired>
 struct Sm90BackwardUnits {
-  static constexpr int kTilesPerUnit = kPaired ? 2 : 1;
-  int block_n, key_blocks, units_per_head, num_heads_kv;
-  int64_t count;
+  TileOrder<kPaired> order;
+  int block_n, num_heads_kv;
 
   __host__ __device__ static Sm90BackwardUnits make(const AttentionParams& p, int block_n) {
     Sm90BackwardUnits units;
     units.block_n = block_n;
-    units.key_blocks = static_cast<int>((p.seqlen_k + block_n - 1) / block_n);
-    units.units_per_head = (units.key_blocks + kTilesPerUnit - 1) / kTilesPerUnit;
     units.num_heads_kv = static_cast<int>(p.num_heads_kv);
-    units.count = int64_t{units.units_per_head} * p.num_heads_kv * p.batch;
+    units.order = {static_cast<int>((p.seqlen_k + block_n - 1) / block_n),
+                   static_cast<int>(p.num_heads_kv * p.batch)};
     return units;
   }
-  // This CTA's tiles: kTilesPerUnit per unit (a paired unit's second may not exist).
   __device__ __forceinline__ int own_tiles() const {
-    const int ctas = static_cast<int>(gridDim.x), cta = static_cast<int>(blockIdx.x);
-    return kTilesPerUnit * ((static_cast<int>(count) - cta + ctas - 1) / ctas);
+    return order.own_tiles(static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x));
   }
-  // This CTA's own_tile-th tile; false for the missing second tile of an odd count's
-  // middle unit.
+  // This CTA's own_tile-th tile; false for a paired unit's missing second tile.
   template <int kBlockM>
   __device__ __forceinline__ bool tile(const AttentionParams& p, int own_tile,
                                        Sm90BackwardTile<kBlockM>& tile) const {
-    const bool second = kPaired && own_tile % 2 == 1;
-    const int unit = static_cast<int>(blockIdx.x) +
-                     (kPaired ? own_tile / 2 : own_tile) * static_cast<int>(gridDim.x);
-    const int within = unit % units_per_head, pair = unit / units_per_head;
-    const int key_block = second ? key_blocks - 1 - within : within;
-    if (second && key_block == within) return false;
-    tile.head_kv = pair % num_heads_kv;
-    tile.batch = pair / num_heads_kv;
-    tile.key0 = key_block * block_n;
+    const OrderedTile ordered =
+        order.tile(static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x), own_tile);
+    if (!ordered.exists) return false;
+    tile.head_kv = ordered.head % num_heads_kv;
+    tile.batch = ordered.head / num_heads_kv;
+    tile.key0 = ordered.index * block_n;
     tile.valid_keys = min(block_n, static_cast<int>(p.seqlen_k) - tile.key0);
     tile.steps = sm90_query_steps<kBlockM>(p, tile.key0, tile.valid_keys, tile.head_kv,
                                            static_cast<int>(p.num_heads / p.num_heads_kv));

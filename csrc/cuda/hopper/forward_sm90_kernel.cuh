@@ -33,6 +33,7 @@
 #include "cuda/fragments.cuh"
 #include "cuda/hopper/sm90_ptx.cuh"
 #include "cuda/hopper/staged_store.cuh"
+#include "cuda/hopper/tile_order.cuh"
 #include "cuda/hopper/wgmma_ops.cuh"
 #include "cuda/online_softmax.cuh"
 #include "cuda/ptx.cuh"
@@ -81,6 +82,16 @@ struct Sm90ForwardConfig {
   static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= 512, "register file");
 };
 
+// The forward's tiles: row blocks of kBlockM queries per (batch, head), paired where a mask
+// window makes their work differ (the window's compile-time switch serves: the kernels
+// without one keep the plain order). The kernel and its launcher's grid size both use it.
+template <int kBlockM, bool kHasWindow>
+__host__ __device__ __forceinline__ TileOrder<kHasWindow> sm90_forward_tile_order(
+    const AttentionParams& p) {
+  return {static_cast<int>((p.seqlen_q + kBlockM - 1) / kBlockM),
+          static_cast<int>(p.num_heads * p.batch)};
+}
+
 template <class Config, typename Element, bool kHasWindow>
 __global__ void __launch_bounds__(Config::kThreads, 1)
     forward_kernel_sm90(const __grid_constant__ AttentionParams p,
@@ -109,18 +120,10 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   auto k_empty = [&](int stage) { return kv_barriers + 8 * (2 * kStages + stage); };
   auto v_empty = [&](int stage) { return kv_barriers + 8 * (3 * kStages + stage); };
 
-  const int num_m_blocks = static_cast<int>((p.seqlen_q + kBlockM - 1) / kBlockM);
-  // Row blocks are paired exactly when a mask window makes their work differ, so the
-  // window's compile-time switch serves (the kernels without one keep the plain loop).
-  constexpr bool kPaired = kHasWindow;
-  constexpr int kTilesPerUnit = kPaired ? 2 : 1;
-  const int units_per_head = (num_m_blocks + kTilesPerUnit - 1) / kTilesPerUnit;
-  const int num_units = units_per_head * static_cast<int>(p.num_heads * p.batch);
-  // This CTA's units: blockIdx.x, blockIdx.x + gridDim.x, ...
+  const TileOrder<kHasWindow> order = sm90_forward_tile_order<kBlockM, kHasWindow>(p);
+  const int num_m_blocks = order.blocks;
   const int num_own_tiles =
-      kTilesPerUnit *
-      ((num_units - static_cast<int>(blockIdx.x) + static_cast<int>(gridDim.x) - 1) /
-       static_cast<int>(gridDim.x));
+      order.own_tiles(static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x));
   const int seqlen_q = static_cast<int>(p.seqlen_q), head_dim = static_cast<int>(p.head_dim);
   const int thread = threadIdx.x;
 
@@ -139,23 +142,18 @@ __global__ void __launch_bounds__(Config::kThreads, 1)
   }
   __syncthreads();
 
-  // Paired (where a mask window makes row blocks' work differ), a unit is two row blocks of
-  // one (batch, head), the i-th from the end and the i-th from the start: with a causal
-  // mask every unit then has the same work, so a CTA taking units in turn is balanced.
-  // Otherwise a unit is one row block. Either way the longest rows go first, and units of
-  // one (batch, head) are neighbours, so the CTAs running at once share K and V in L2.
+  // TileOrder's index 0 is the last row block, whose rows see the most keys under a causal
+  // mask: the longest rows go first.
   struct Tile {
-    bool exists;  // false for the second tile of an odd count's middle pair
+    bool exists;  // false for a paired unit's missing second tile
     int head, batch, head_kv, row0, valid_rows, key_begin, num_key_blocks;
   };
   auto tile_at = [&](int own_tile) {
     Tile tile;
-    const bool second = kPaired && own_tile % 2 == 1;
-    const int unit = static_cast<int>(blockIdx.x) +
-                     (kPaired ? own_tile / 2 : own_tile) * static_cast<int>(gridDim.x);
-    const int within = unit % units_per_head, head_batch = unit / units_per_head;
-    const int m_block = second ? within : num_m_blocks - 1 - within;
-    tile.exists = !second || m_block != num_m_blocks - 1 - within;
+    const OrderedTile ordered =
+        order.tile(static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x), own_tile);
+    const int head_batch = ordered.head, m_block = num_m_blocks - 1 - ordered.index;
+    tile.exists = ordered.exists;
     tile.head = head_batch % static_cast<int>(p.num_heads);
     tile.batch = head_batch / static_cast<int>(p.num_heads);
     tile.head_kv = tile.head / static_cast<int>(p.num_heads / p.num_heads_kv);

@@ -76,11 +76,7 @@ Status launch_forward_sm90_config(const AttentionParams& p, const LaunchOptions&
                                      "head_dim " + std::to_string(Config::kHeadDim) + " sm90 forward");
       !s.ok())
     return s;
-  // Row blocks are paired where a mask window makes their work differ (the kernel's
-  // tile_at, kPaired); without one they all have the same work.
-  const int64_t num_m_blocks = (p.seqlen_q + Config::kBlockM - 1) / Config::kBlockM;
-  const int64_t num_units =
-      (kHasWindow ? (num_m_blocks + 1) / 2 : num_m_blocks) * p.num_heads * p.batch;
+  const int64_t num_units = sm90_forward_tile_order<Config::kBlockM, kHasWindow>(p).units();
   // Persistent: one CTA per SM (measured against one per tile in NOTES_sm90.md, forward
   // v3-v5), or the test aid's cap.
   const dim3 grid(static_cast<unsigned>(persistent_grid_ctas(num_units, options)));
