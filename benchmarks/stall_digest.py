@@ -1,9 +1,13 @@
 """A short digest of an Nsight Compute source page (`ncu --page source --csv --print-source
 sass`, as profile.sh writes it): the instructions that hold at least a share of the warp
 stall samples, in program order, with their execution count and top three stall reasons,
-then the totals by reason. Synchronization and memory instructions (HGMMA, barriers,
+then the totals by reason and by execution count. Synchronization and memory instructions (HGMMA, barriers,
 mbarrier waits, TMA, global loads) are listed from a tenth of that share.
     python benchmarks/stall_digest.py ncu_source_jax_flash_d128_s8192_c0.csv [share, 0.004]
+The execution count tells a kernel's regions apart without reading the SASS: in the
+backward, the consumers' per-step code runs steps x 8 warps times, its masked steps' code
+fewer, the per-key-block code (tile start, dK/dV stores) tiles x 8, and the producer's and
+reducer's code counts of their own.
 """
 
 import csv
@@ -31,6 +35,15 @@ def main(path, share=0.004):
     totals = {header[i][6:]: sum(float(row[i] or 0) for row in data) for i in reasons}
     ranked = sorted(totals.items(), key=lambda item: -item[1])[:10]
     print("by reason:", ", ".join(f"{name} {value / total:.1%}" for name, value in ranked))
+    regions = {}
+    for row in data:
+        count = int((row[executed] or "0").replace(",", ""))
+        region = regions.setdefault(count, [0.0, 0])
+        region[0] += float(row[samples] or 0)
+        region[1] += 1
+    print("by execution count:")
+    for count, (sampled, instructions) in sorted(regions.items(), key=lambda item: -item[1][0])[:14]:
+        print(f"  ex={count:>9d} {sampled / total:6.1%} over {instructions} instructions")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 // The order in which the persistent Hopper kernels take their tiles (a tile: one row block
 // of the forward, one key block of the backward, of one (batch, head)).
-// Host-compilable: tests/test_tile_order_host.py checks that every tile is taken once.
+// Host-compilable: tests/test_host_checks.py checks that every tile is taken once.
 #pragma once
 
 #include <cstdint>
