@@ -13,6 +13,9 @@
 # modes takes AB_MODES (default "fwd fwd_bwd"), one without impls the round's.
 # AB_IMPLS (default jax_flash): bench_attention.py's jax_flash implementations timed in every
 # round (jax_flash_wide_window prices the windowed kernels on the plain op's work).
+# AB_SECONDS: a time budget for the whole script; no build's round starts once it is spent,
+# and the table still prints (a `timeout` around the script would cut the table too, as it
+# did on 2026-12-08). Give it the call's limit less what follows the A/B.
 # AB_ROUNDS (default 2). AB_PEERS (default cudnn): timed beside A's first round only. The
 # build must have run once in this machine's tree (device_run.sh build), or the first build
 # is from scratch.
@@ -23,6 +26,10 @@ WHEELS=${AB_WHEELS:-/tmp/jax_flash_ab_wheels}  # outside $OUT: the device tool w
 rm -rf "$OUT/ab" && mkdir -p "$OUT/ab"
 ROOT=$(pwd)
 PY=${PY:-python3}
+START=$(date +%s)
+out_of_time() {  # true once AB_SECONDS (if set) have passed since the script started
+  [ -n "${AB_SECONDS:-}" ] && [ $(( $(date +%s) - START )) -ge "$AB_SECONDS" ]
+}
 
 apply_patch() {  # apply_patch FILE [-R]: the whole patch or nothing (a dry run first)
   patch -p1 -s --batch --dry-run ${2:-} < "$1" > /dev/null &&
@@ -59,6 +66,10 @@ for variant in ${AB_VARIANTS:-}; do
 done
 for round in $(seq 1 "${AB_ROUNDS:-2}"); do
   for label in $labels; do
+    if out_of_time; then
+      echo "!! AB_SECONDS spent: round $round stops before $label"
+      break 2
+    fi
     if [ "$label" = A ] && [ "$round" = 1 ]; then
       bench A 1 ${AB_IMPLS:-jax_flash} ${AB_PEERS-cudnn}
     else
