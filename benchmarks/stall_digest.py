@@ -1,8 +1,8 @@
 """A short digest of an Nsight Compute source page (`ncu --page source --csv --print-source
 sass`, as profile.sh writes it): the instructions that hold at least a share of the warp
 stall samples, in program order, with their execution count and top three stall reasons,
-then the totals by reason and by execution count. Synchronization and memory instructions (HGMMA, barriers,
-mbarrier waits, TMA, global loads) are listed from a tenth of that share.
+then the totals by reason and by execution count. Synchronization and memory instructions
+(HGMMA, barriers, mbarrier waits, TMA, global loads) are listed from a tenth of that share.
     python benchmarks/stall_digest.py ncu_source_jax_flash_d128_s8192_c0.csv [share, 0.004]
 The execution count tells a kernel's regions apart without reading the SASS: in the
 backward, the consumers' per-step code runs steps x 8 warps times, its masked steps' code

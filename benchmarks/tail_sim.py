@@ -2,9 +2,10 @@
 under a causal mask at head dim 128 (128-key tiles, 64-query steps, batch x seqlen = 16k
 tokens, 16 heads), counted in steps and with nothing but steps costing time:
 - paired: the persistent order (units of key blocks i and n-1-i, taken round robin);
-- longest first: one CTA per key block, handed to whichever SM frees first, in
-  LongestFirstOrder (heads in sections of about 256 tiles, index-major inside one).
-The prediction behind candidate Q (benchmarks/candidates/README.md).
+- longest first: each key block handed to whichever SM frees first, in the order of
+  candidates Q and QC (LongestFirstOrder in their patches: heads in sections of about 256
+  tiles, index-major inside one).
+The prediction behind those candidates (benchmarks/candidates/README.md).
     python benchmarks/tail_sim.py [sms, 132]
 """
 
