@@ -85,14 +85,15 @@ def implementations():
             "xla": xla, "ring_1dev": ring_one_device, "fa3": fa3}
 
 
-def time_call(fn, args, batches=5, min_batch_seconds=0.03):
+def time_call(fn, args, batches=5, min_batch_seconds=0.03, min_calls=10):
     jax.block_until_ready(fn(*args))  # compile + warm-up
     jax.block_until_ready(fn(*args))
-    # Batches of at least 10 calls and about 30 ms, so that a short call's figure is not
-    # dominated by the host's dispatch and timer jitter.
+    # Batches of at least min_calls calls and about 30 ms, so that a short call's figure is
+    # not dominated by the host's dispatch and timer jitter.
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    calls_per_batch = max(10, min(500, int(min_batch_seconds / (time.perf_counter() - start)) + 1))
+    calls_per_batch = max(min_calls,
+                          min(500, int(min_batch_seconds / (time.perf_counter() - start)) + 1))
     times = []
     for _ in range(batches):
         start = time.perf_counter()

@@ -4,7 +4,7 @@
 # Steps are arguments, each optionally with a time limit in seconds (step:seconds):
 #   bash benchmarks/device_run.sh build gputests:300 memcheck:120 bench-quick
 # Steps: build sass cputests gputests gputests-sm90 gputests-kvcache memcheck bench bench-quick bench-ring bench-packed
-# bench-grid bench-kvcache kernel-times examples. (Register and spill counts
+# bench-sp bench-grid bench-kvcache kernel-times examples. (Register and spill counts
 # need no GPU: nvcc -Xptxas -v on an instantiation file, here.) Kernel variants against the
 # working tree, alternating builds in one call: benchmarks/ab_builds.sh.
 set -uo pipefail
@@ -91,6 +91,14 @@ run_step() {
       # ring_attention on a one-device mesh against the plain op, same run, d128.
       (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 --seqlens 2048 8192 16384 \
         --impls jax_flash ring_1dev cudnn --json "$OUT/bench_ring.json") 2>&1 | tee "$OUT/bench_ring.log"
+      ;;
+    bench-sp)
+      # Sequence parallelism on every GPU of a multi-GPU host (bench_sequence_parallel.py):
+      # the one-device check, scaling against one GPU, and the ring's transfers timed apart.
+      # SP_ARGS narrows it, e.g. SP_ARGS="--causal 1 --seqlens 32768 131072".
+      nvidia-smi topo -m > "$OUT/topology.txt" 2>&1
+      (cd /tmp && NCCL_NVLS_ENABLE=0 timeout "$limit" $PY "$ROOT/benchmarks/bench_sequence_parallel.py" ${SP_ARGS:-} \
+        --json "$OUT/bench_sp.json") 2>&1 | tee "$OUT/bench_sp.log"
       ;;
     bench-grid)
       # The grid of ../shared/ANCHORS.md (fwd and fwd+bwd) with cuDNN and FlashAttention-3
