@@ -4,8 +4,8 @@
 # Steps are arguments, each optionally with a time limit in seconds (step:seconds):
 #   bash benchmarks/device_run.sh build gputests:300 memcheck:120 bench-quick
 # Steps: build sass cputests gputests gputests-sm90 gputests-kvcache memcheck bench bench-quick bench-ring bench-packed
-# bench-sp bench-grid bench-kvcache kernel-times examples. (Register and spill counts
-# need no GPU: nvcc -Xptxas -v on an instantiation file, here.) Kernel variants against the
+# bench-sp bench-grid bench-kvcache kernel-times examples. (Spills, serialized wgmma
+# and step costs need no GPU: benchmarks/ptxas_check.sh, here.) Kernel variants against the
 # working tree, alternating builds in one call: benchmarks/ab_builds.sh.
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
