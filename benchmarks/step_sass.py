@@ -20,6 +20,7 @@ import argparse
 import collections
 import heapq
 import re
+import shutil
 import subprocess
 
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
@@ -28,8 +29,14 @@ SHOWN = ("HGMMA", "WARPGROUP", "BAR", "SYNCS", "MEMBAR", "FENCE", "STSM", "UTMA"
 
 
 def functions(path):
-    text = (subprocess.run(["cuobjdump", "-sass", path], capture_output=True, text=True,
-                           check=True).stdout if path.endswith(".cubin") else open(path).read())
+    if path.endswith(".cubin"):
+        if shutil.which("cuobjdump") is None:
+            raise SystemExit("step_sass.py: a .cubin needs cuobjdump on PATH (the CUDA toolkit, "
+                             "or pip install nvidia-cuda-cuobjdump)")
+        text = subprocess.run(["cuobjdump", "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+    else:
+        text = open(path).read()
     for chunk in re.split(r"\n\s*Function : ", text)[1:]:
         name = chunk.split("\n", 1)[0].strip()
         yield name, [(int(a, 16), s.strip()) for a, s in INSTRUCTION.findall(chunk)]
