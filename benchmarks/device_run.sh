@@ -3,10 +3,11 @@
 # our kernels, and benchmark. Logs and JSON go to $OUT (the device tool returns them).
 # Steps are arguments, each optionally with a time limit in seconds (step:seconds):
 #   bash benchmarks/device_run.sh build gputests:300 memcheck:120 bench-quick
-# Steps: build sass cputests gputests gputests-sm90 gputests-kvcache memcheck bench bench-quick bench-ring bench-packed
-# bench-sp bench-grid bench-kvcache kernel-times examples. (Spills, serialized wgmma
-# and step costs need no GPU: benchmarks/ptxas_check.sh, here.) Kernel variants against the
-# working tree, alternating builds in one call: benchmarks/ab_builds.sh.
+# Steps: build sass cputests gputests gputests-sm90 gputests-kvcache gputests-multi memcheck
+# bench bench-quick bench-ring bench-packed bench-sp bench-grid bench-kvcache kernel-times
+# examples. (Spills, serialized wgmma and step costs need no GPU: benchmarks/ptxas_check.sh,
+# here.) Kernel variants against the working tree, alternating builds in one call:
+# benchmarks/ab_builds.sh.
 set -uo pipefail
 OUT=${OUT:-/tmp/jax_flash_out}
 mkdir -p "$OUT"
@@ -91,6 +92,12 @@ run_step() {
       # ring_attention on a one-device mesh against the plain op, same run, d128.
       (cd /tmp && timeout "$limit" $PY "$ROOT/benchmarks/bench_attention.py" --head-dims 128 --seqlens 2048 8192 16384 \
         --impls jax_flash ring_1dev cudnn --json "$OUT/bench_ring.json") 2>&1 | tee "$OUT/bench_ring.log"
+      ;;
+    gputests-multi)
+      # Ring and Ulysses across real GPUs (test_gpu_multi.py; skipped below two GPUs).
+      (cd tests && XLA_PYTHON_CLIENT_PREALLOCATE=false NCCL_NVLS_ENABLE=0 timeout "$limit" $PY -m pytest -v \
+        -p no:cacheprovider -p no:benchmark --tb=short -rfEs test_gpu_multi.py > "$OUT/gputests_multi.log" 2>&1)
+      grep -E " (FAILED|ERROR|SKIPPED) |^E  .*Error|passed|failed" "$OUT/gputests_multi.log" | head -40
       ;;
     bench-sp)
       # Sequence parallelism on every GPU of a multi-GPU host (bench_sequence_parallel.py):
