@@ -47,6 +47,10 @@ FEATURES = {
     "long_window_softcap_alibi": dict(window_size=(3000, 100), softcap=4.0, alibi=True),
     "segments_sorted_causal": dict(causal=True, segments="sorted"),
     "segments_random_softcap_alibi": dict(softcap=4.0, alibi=True, segments="random"),
+    # softmax scales other than head_dim ** -0.5: another on the plain path, and a negative
+    # one, which takes the general path (test_gpu_sm90.py's scale test)
+    "scale_custom": dict(softmax_scale=0.3),
+    "scale_negative_causal": dict(softmax_scale=-0.05, causal=True),
 }
 
 
@@ -123,7 +127,7 @@ def check(shape, feature, dtype, gradients, diagonal_offset=None, deterministic=
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("feature", [f for f in FEATURES if not f.startswith("long_")])
+@pytest.mark.parametrize("feature", [f for f in FEATURES if not f.startswith(("long_", "scale_"))])
 @pytest.mark.parametrize("shape", SMALL, ids=str)
 def test_small_grid(shape, feature, dtype):
     check(shape, feature, dtype, gradients=True)

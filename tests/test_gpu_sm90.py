@@ -60,6 +60,17 @@ def test_backward_deterministic(head_dim, feature):
           deterministic=True)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic_dq", "deterministic"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("feature", ["scale_custom", "scale_negative_causal"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_backward_softmax_scale(head_dim, feature, dtype, deterministic):
+    """A softmax scale other than head_dim ** -0.5 reaches P, dK and dQ on both dQ paths:
+    another positive scale (the plain path) and a negative one (the general path)."""
+    check((2, 300, 517, 4, 2, head_dim), feature, dtype, gradients=True,
+          deterministic=deterministic)
+
+
 # At head dims 64 and 128 a windowed forward takes long-row tiles where the middle query
 # row sees 2048 keys or more: causal on the first shape (2049) and the long window on both
 # (2149, 2077) do, causal on the second shape (1977) does not.
