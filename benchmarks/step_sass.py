@@ -90,6 +90,8 @@ def shortest_step(instructions, head, back):
                 if d + 1 < dist.get(state, float("inf")):
                     dist[state], previous[state] = d + 1, (i, h)
                     heapq.heappush(queue, (d + 1, *state))
+    if not ends:
+        return None
     state, path = ends[max(ends)], []
     while state != (head, 0):
         path.append(instructions[state[0]][1])
@@ -127,6 +129,10 @@ def main():
         if loop is None:
             continue
         path = shortest_step(instructions, *loop)
+        if path is None:
+            print(f"{name[:110]}\n  step: no path once around the loop (its head is entered "
+                  "from elsewhere); read the SASS")
+            continue
         mix = collections.Counter(opcode(s).split(".")[0] for s in path)
         print(f"{name[:110]}\n  step: {len(path)} instructions, {mix['HGMMA']} HGMMA; "
               + ", ".join(f"{k} {v}" for k, v in mix.most_common(14)))
