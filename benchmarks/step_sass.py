@@ -72,9 +72,30 @@ def step_loop(instructions):
     return best
 
 
+def natural_loop(instructions, head, back, position):
+    """The instructions of the loop closed by back -> head: those that reach `back` without
+    passing `head` (code the compiler placed outside [head, back], such as a rare path
+    moved to the function's end, included)."""
+    predecessors = collections.defaultdict(list)
+    for i in range(len(instructions) - 1):
+        for j in successors(instructions, i, position):
+            predecessors[j].append(i)
+    loop, stack = {head, back}, [back]
+    while stack:
+        for i in predecessors[stack.pop()]:
+            if i not in loop:
+                loop.add(i)
+                stack.append(i)
+    return loop
+
+
 def shortest_step(instructions, head, back):
     """The shortest path head -> back issuing the most HGMMA any such path issues."""
     position = {a: i for i, (a, _) in enumerate(instructions)}
+    loop = natural_loop(instructions, head, back, position)
+    # An inner cycle that issues products could raise the count forever: no path issues
+    # more than the loop holds.
+    most = sum("HGMMA" in instructions[i][1] for i in loop)
     dist, previous = {(head, 0): 0}, {}
     queue, ends = [(0, head, 0)], {}
     while queue:
@@ -85,8 +106,10 @@ def shortest_step(instructions, head, back):
             ends.setdefault(h, (i, h))
             continue
         for j in successors(instructions, i, position):
-            if head <= j <= back:
+            if j in loop:
                 state = (j, h + ("HGMMA" in instructions[j][1]))
+                if state[1] > most:
+                    continue
                 if d + 1 < dist.get(state, float("inf")):
                     dist[state], previous[state] = d + 1, (i, h)
                     heapq.heappush(queue, (d + 1, *state))
