@@ -37,7 +37,7 @@ def functions(path):
                               check=True).stdout
     else:
         text = open(path).read()
-    for chunk in re.split(r"\n\s*Function : ", text)[1:]:
+    for chunk in re.split(r"(?:^|\n)\s*Function : ", text)[1:]:
         name = chunk.split("\n", 1)[0].strip()
         yield name, [(int(a, 16), s.strip()) for a, s in INSTRUCTION.findall(chunk)]
 
