@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A/B of kernel variants in one device call: the working tree's build (A) and each variant
-# (a patch, applied to A alone and reverted after) built once into a wheel, then AB_ROUNDS
+# (a patch, or several joined by '+' and applied in that order, to A alone and reverted
+# after) built once into a wheel, then AB_ROUNDS
 # rounds that install each wheel in turn and time it at the same points, and one table of
 # TFLOP/s (mean over rounds, each variant also as a ratio to A) at the end. Installing a
 # wheel takes seconds where a rebuild took 11-79 s (2026-12-07: a patch to scores.cuh
@@ -35,6 +36,20 @@ apply_patch() {  # apply_patch FILE [-R]: the whole patch or nothing (a dry run 
   patch -p1 -s --batch --dry-run ${2:-} < "$1" > /dev/null &&
     patch -p1 -s --batch --no-backup-if-mismatch ${2:-} < "$1"
 }
+revert_patches() {  # revert_patches "A.patch+B.patch": each reverted, the last first
+  local files i
+  [ -n "$1" ] || return 0
+  IFS=+ read -ra files <<< "$1"
+  for (( i = ${#files[@]} - 1; i >= 0; i-- )); do apply_patch "${files[i]}" -R || return 1; done
+}
+apply_patches() {  # apply_patches "A.patch+B.patch": each in order, or none of them
+  local files file applied=""
+  IFS=+ read -ra files <<< "$1"
+  for file in "${files[@]}"; do
+    apply_patch "$file" || { revert_patches "$applied"; return 1; }
+    applied=${applied:+$applied+}$file
+  done
+}
 build() {  # build LABEL: the tree as it stands into $WHEELS/LABEL
   local start=$(date +%s)
   rm -rf "$WHEELS/$1"  # a wheel left by an earlier call would be installed beside this one's
@@ -60,9 +75,9 @@ build A || exit 1
 labels="A"
 for variant in ${AB_VARIANTS:-}; do
   name=${variant%%:*} file=${variant#*:}
-  apply_patch "$file" || { echo "!! $name: the patch does not apply"; continue; }
+  apply_patches "$file" || { echo "!! $name: the patches do not apply"; continue; }
   build "$name" && labels="$labels $name"
-  apply_patch "$file" -R || { echo "!! $name: the patch does not revert"; exit 1; }
+  revert_patches "$file" || { echo "!! $name: the patches do not revert"; exit 1; }
 done
 for round in $(seq 1 "${AB_ROUNDS:-2}"); do
   for label in $labels; do
