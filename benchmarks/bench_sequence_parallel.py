@@ -217,6 +217,7 @@ def scaling(meshes, seqlen, causal):
         baselines[n] = timed("one_device", fwd_bwd(one_device(causal)), random_inputs(local, 1),
                              flops(local, causal), 1, seqlen=local, causal=causal)
         rows.append(baselines[n])
+    whole = random_inputs(seqlen, 2)  # one draw, permuted for each mesh and layout
     for mesh in meshes:
         n = mesh.devices.size
         print(f"{n} devices, total seqlen {seqlen}, causal={int(causal)}")
@@ -225,7 +226,7 @@ def scaling(meshes, seqlen, causal):
                 print(f"  {method}: skipped, {unsupported(method, n)}")
                 continue
             perm = jf.sequence_permutation(seqlen, n, METHODS[method][1])
-            inputs = sharded(mesh, perm, random_inputs(seqlen, 2))
+            inputs = sharded(mesh, perm, whole)
             fields = dict(method=method, seqlen=seqlen, causal=causal)
             call = lambda: fwd_bwd(parallel(mesh, method, causal))  # noqa: E731
             full = timed(method, call(), inputs, flops(seqlen, causal), n, baselines[n], **fields)
