@@ -60,12 +60,13 @@ def successors(instructions, index, position):
 def step_loop(instructions):
     """(head, back edge) indices of the innermost loop with at least 16 HGMMA, or None."""
     products = [i for i, (_, s) in enumerate(instructions) if "HGMMA" in s]
+    position = {a: i for i, (a, _) in enumerate(instructions)}
     best = None
     for index, (address, text) in enumerate(instructions):
         match = BRANCH.search(text)
         if not match or "BRA.U.ANY" in text or int(match.group(1), 16) >= address:
             continue
-        head = next(i for i, (a, _) in enumerate(instructions) if a == int(match.group(1), 16))
+        head = position[int(match.group(1), 16)]
         if sum(head <= p <= index for p in products) >= 16 and (
                 best is None or index - head < best[1] - best[0]):
             best = (head, index)
