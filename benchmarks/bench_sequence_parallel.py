@@ -126,11 +126,11 @@ def check(meshes, causal):
     seqlen = args.check_seqlen
     inputs = random_inputs(seqlen, seed=seqlen + int(causal))
     precise = jnp.float64 if args.cpu_devices else jnp.float32
+    reference = fwd_bwd(lambda q, k, v: jf.reference_attention(q, k, v, causal=causal))
     with jax.default_matmul_precision("float32"):  # no TF32 in the reference
-        exact = fwd_bwd(lambda q, k, v: jf.reference_attention(q, k, v, causal=causal))(
-            *(x.astype(precise) for x in inputs))
+        exact = reference(*(x.astype(precise) for x in inputs))
     exact = [exact[0], *exact[1]]
-    plain = fwd_bwd(lambda q, k, v: jf.reference_attention(q, k, v, causal=causal))(*inputs)
+    plain = reference(*inputs)
     plain_errors = max_errors([plain[0], *plain[1]], exact)
     single = fwd_bwd(one_device(causal))(*inputs)
     single = [single[0], *single[1]]
